@@ -1,0 +1,220 @@
+"""``Codec``: a diffusers ``AutoencoderKL`` used as an image <-> latent codec.
+
+Latents are returned the way diffusion models consume them, exactly as diffusers pipelines
+compute them::
+
+    latents = (z - shift_factor) * scaling_factor        # after encoding
+    z       = latents / scaling_factor + shift_factor     # before decoding
+
+where ``z`` is the posterior mean (default) or a sample of the posterior N(mean, exp(logvar)).
+The model itself never applies the factors; they live in the folder's ``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+
+from .images import tensor_to_pil, to_batch
+from .models import load_autoencoder
+
+# Extra metadata saved beside diffusers' files (diffusers ignores unknown files in the folder).
+META_FILE = "vae_codec.json"
+DOWNSAMPLE = 8
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+class Codec:
+    """Encode images to scaled latents and decode them back.
+
+    ``images`` may be PIL images, uint8 (H, W, 3) arrays or float (B, 3, H, W) tensors in
+    [-1, 1]; work is split into batches of ``batch_size`` internally.
+    """
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        batch_size: int = 8,
+        meta: dict | None = None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = resolve_dtype(dtype)
+        if next(vae.parameters()).dtype != self.dtype:
+            vae = vae.to(dtype=self.dtype)
+        self.vae = vae.to(device=self.device).eval().requires_grad_(False)
+        if self.device.type == "cuda":
+            self.vae.to(memory_format=torch.channels_last)
+        self.batch_size = batch_size
+        self.meta = dict(meta or {})
+
+    # ------------------------------------------------------------------ loading and saving
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "Codec":
+        """Load one of our exports or any diffusers AutoencoderKL folder (or pipeline folder)."""
+        vae = load_autoencoder(path)
+        meta_path = Path(path) / META_FILE
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        return cls(vae, meta=meta, **kwargs)
+
+    def save_pretrained(self, path: str | os.PathLike, meta: dict | None = None) -> Path:
+        """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` (+ our metadata)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        # Always saved in fp32: a half-precision export would silently lose training precision.
+        if self.dtype != torch.float32:
+            self.vae.to(dtype=torch.float32)
+        self.vae.save_pretrained(str(path), safe_serialization=True)
+        if self.dtype != torch.float32:
+            self.vae.to(dtype=self.dtype)
+        self.meta.update(meta or {})
+        (path / META_FILE).write_text(json.dumps(self.meta, indent=2, default=str))
+        return path
+
+    # ------------------------------------------------------------------ factors
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def shift_factor(self) -> float:
+        # diffusers stores None when a VAE has no shift; pipelines then skip the subtraction.
+        return float(self.vae.config.shift_factor or 0.0)
+
+    def set_factors(self, scaling_factor: float, shift_factor: float | None = None) -> None:
+        self.vae.register_to_config(scaling_factor=float(scaling_factor))
+        self.vae.register_to_config(shift_factor=None if shift_factor is None else float(shift_factor))
+
+    # ------------------------------------------------------------------ encode / decode
+    def _prepare(self, images, pad: bool) -> tuple[torch.Tensor, tuple[int, int]]:
+        x = to_batch(images)
+        h, w = x.shape[-2:]
+        if h % DOWNSAMPLE or w % DOWNSAMPLE:
+            if not pad:
+                raise ValueError(
+                    f"image size {h}x{w} is not a multiple of {DOWNSAMPLE}; pass pad=True "
+                    f"(pads by reflection, crop back with decode(..., size=({h}, {w}))) or "
+                    "crop/resize the images first"
+                )
+            ph, pw = -h % DOWNSAMPLE, -w % DOWNSAMPLE
+            # Reflection needs pad < size; replicate covers tiny images.
+            mode = "reflect" if ph < h and pw < w else "replicate"
+            x = F.pad(x, (0, pw, 0, ph), mode=mode)
+        return x, (h, w)
+
+    def _batches(self, x: torch.Tensor):
+        for start in range(0, x.shape[0], self.batch_size):
+            chunk = x[start : start + self.batch_size].to(self.device, self.dtype)
+            if self.device.type == "cuda":
+                chunk = chunk.contiguous(memory_format=torch.channels_last)
+            yield chunk
+
+    @torch.no_grad()
+    def posterior(self, images, pad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unscaled posterior ``(mean, logvar)``, each (B, 4, H/8, W/8) float32."""
+        x, _ = self._prepare(images, pad)
+        means, logvars = [], []
+        for chunk in self._batches(x):
+            dist = self.vae.encode(chunk).latent_dist
+            means.append(dist.mean.float().cpu())
+            logvars.append(dist.logvar.float().cpu())
+        return torch.cat(means), torch.cat(logvars)
+
+    def encode(
+        self,
+        images,
+        sample: bool = False,
+        generator: torch.Generator | None = None,
+        pad: bool = False,
+    ) -> torch.Tensor:
+        """Images -> scaled latents (B, 4, H/8, W/8), float32 on the CPU.
+
+        Deterministic (the posterior mean) unless ``sample=True``; pass a ``generator`` to make
+        the sample reproducible.
+        """
+        mean, logvar = self.posterior(images, pad=pad)
+        z = mean
+        if sample:
+            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+            z = mean + torch.exp(0.5 * logvar) * noise
+        return (z - self.shift_factor) * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(
+        self, latents: torch.Tensor, size: tuple[int, int] | None = None, output_type: str = "pt"
+    ):
+        """Scaled latents (B, 4, h, w) -> images.
+
+        ``output_type``: "pt" gives (B, 3, 8h, 8w) float32 in about [-1, 1] (not clamped, as
+        the decoder outputs it), "pil" a list of PIL images. ``size=(H, W)`` crops the output
+        back to an original size after ``encode(..., pad=True)``.
+        """
+        if latents.ndim == 3:
+            latents = latents[None]
+        channels = self.vae.config.latent_channels
+        if latents.ndim != 4 or latents.shape[1] != channels:
+            raise ValueError(
+                f"latents must be (B, {channels}, h, w), got {tuple(latents.shape)}"
+            )
+        z = latents.float() / self.scaling_factor + self.shift_factor
+        out = torch.cat([self.vae.decode(c).sample.float().cpu() for c in self._batches(z)])
+        if size is not None:
+            h, w = size
+            if h > out.shape[-2] or w > out.shape[-1]:
+                raise ValueError(f"size {size} is larger than the decoded {tuple(out.shape[-2:])}")
+            out = out[..., :h, :w]
+        if output_type == "pt":
+            return out
+        if output_type == "pil":
+            return tensor_to_pil(out)
+        raise ValueError(f"unknown output_type {output_type!r}; choose from ['pil', 'pt']")
+
+    def reconstruct(self, images, pad: bool = False) -> torch.Tensor:
+        """Encode then decode (posterior mean), cropped back to the input size."""
+        x = to_batch(images)
+        return self.decode(self.encode(x, pad=pad), size=tuple(x.shape[-2:]))
+
+    def measure_factors(self, batches, generator: torch.Generator | None = None) -> dict:
+        """Measure the latent statistics behind ``scaling_factor`` (1 / std, SD's 0.18215 rule).
+
+        ``batches`` is an iterable of image batches (anything :meth:`encode` accepts). The
+        statistics are over *posterior samples* of the unscaled latents, since samples are what
+        a diffusion model trained on this codec sees. Returns ``{"std", "mean",
+        "scaling_factor", "num_images"}``; apply with :meth:`set_factors`.
+        """
+        total = total_sq = 0.0
+        count = images = 0
+        for batch in batches:
+            mean, logvar = self.posterior(batch)
+            z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
+            z = z.double()
+            total += z.sum().item()
+            total_sq += z.pow(2).sum().item()
+            count += z.numel()
+            images += z.shape[0]
+        if count == 0:
+            raise ValueError("measure_factors needs at least one image")
+        mu = total / count
+        std = max(total_sq / count - mu * mu, 0.0) ** 0.5
+        if std == 0.0:
+            raise ValueError("latents have zero variance; cannot derive a scaling factor")
+        return {"std": std, "mean": mu, "scaling_factor": 1.0 / std, "num_images": images}

@@ -1,0 +1,34 @@
+"""``python -m train CONFIG [--set a.b=c ...]`` (also under ``accelerate launch -m train``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import load_config, validate
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Train a kl-f8 autoencoder (KL + reconstruction + LPIPS [+ PatchGAN]) under accelerate.",
+    )
+    parser.add_argument("config", nargs="?", help="YAML file overriding the defaults (configs/*.yaml)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one setting, e.g. --set optim.lr=2e-4 --set data.train=/data/images",
+    )
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        validate(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        parser.error(str(exc))
+    from .loop import train  # imported late: `--help` and config errors stay instant
+
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

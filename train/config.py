@@ -1,0 +1,204 @@
+"""Training configuration: typed dataclasses whose defaults live here, next to the code.
+
+YAML files only override (``python -m train configs/tiny.yaml``), and so does
+``--set a.b=c`` on the command line (values are parsed as YAML: ``--set optim.lr=1e-4``,
+``--set data.train=[a,b]``). A key that does not exist is an error that lists the valid ones;
+a value of the wrong type is an error naming the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # see codec.models.PRESETS
+    init_from: str | None = None  # a diffusers AutoencoderKL folder to fine-tune instead
+    train_decoder_only: bool = False  # freeze the encoder (the sd-vae-ft-mse recipe)
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)  # image folders (recursive) or file lists
+    val: list[str] = field(default_factory=list)  # held-out images for validation
+    crop_size: int = 128  # random square crops, a multiple of 8
+    small_images: str = "upscale"  # images smaller than the crop: "upscale" or "skip"
+    random_flip: bool = True
+    num_workers: int = 2
+    val_images: int = 8  # how many validation images
+    val_crop: int = 256  # centre crop for validation; 0 = full resolution
+
+
+@dataclass
+class LossConfig:
+    reconstruction: str = "l1"  # "l1" or "l2"
+    perceptual_weight: float = 1.0  # LPIPS weight (0 disables)
+    perceptual_net: str = "vgg"  # "vgg" or "alex"
+    perceptual_start: int = 0  # step from which LPIPS joins the loss
+    kl_weight: float = 1e-6
+    logvar_init: float = 0.0
+    learn_logvar: bool = False  # LDM declared it learnable but never optimised it
+    disc_weight: float = 0.0  # adversarial weight (0 = no discriminator); LDM used 0.5
+    disc_start: int = 50001
+    disc_factor: float = 1.0
+    disc_layers: int = 3
+    disc_channels: int = 64
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    disc_lr: float | None = None  # None: same as lr
+    scale_lr: bool = False  # multiply lr by processes x batch x accumulation (LDM rule)
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "constant"  # "constant" or "cosine" (decays to min_lr_ratio * lr)
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 0.0  # 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    output_dir: str = "runs/default"
+    seed: int = 0
+    batch_size: int = 4  # per process
+    grad_accum: int = 1
+    max_steps: int = 1000  # optimiser steps
+    max_minutes: float = 0.0  # wall-clock budget for this invocation; 0 = none
+    mixed_precision: str = "no"  # "no", "fp16" or "bf16" (autocast, weights stay fp32)
+    ema_decay: float = 0.999  # 0 disables EMA
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    image_every: int = 250
+    val_every: int = 500
+    scale_samples: int = 32  # training crops used to measure the scaling factor at export
+    resume: bool = False  # continue from the latest checkpoint in output_dir
+
+
+# ------------------------------------------------------------------------- loading
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """Defaults <- YAML file <- ``a.b=c`` overrides, validated against the dataclasses."""
+    raw: dict = {}
+    if path is not None:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        _assign(raw, key.strip().split("."), yaml.safe_load(value))
+    return _build(TrainConfig, raw, "")
+
+
+def _assign(tree: dict, keys: list[str], value) -> None:
+    for k in keys[:-1]:
+        tree = tree.setdefault(k, {})
+        if not isinstance(tree, dict):
+            raise ValueError(f"cannot set {'.'.join(keys)}: {k} is not a section")
+    tree[keys[-1]] = value
+
+
+def _build(cls, raw: dict, prefix: str):
+    if not isinstance(raw, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = prefix.rstrip(".") or "top level"
+        raise ValueError(
+            f"unknown config key(s) {[prefix + k for k in unknown]} in {where}; "
+            f"valid keys: {sorted(fields)}"
+        )
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value or {}, f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(value, hint, prefix + name)
+    return cls(**values)
+
+
+def _coerce(value, hint, key: str):
+    """Check ``value`` against a simple type hint; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ValueError:
+                pass
+        raise ValueError(f"{key}: expected {hint}, got {value!r}")
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # `--set data.train=path` means a one-item list
+        if not isinstance(value, list):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_type, key) for v in value]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads "1e-4" as a string
+        except ValueError:
+            pass
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ValueError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Cross-field checks that types alone cannot express."""
+    choices = {
+        "loss.reconstruction": (cfg.loss.reconstruction, ("l1", "l2")),
+        "loss.perceptual_net": (cfg.loss.perceptual_net, ("alex", "vgg")),
+        "data.small_images": (cfg.data.small_images, ("skip", "upscale")),
+        "optim.schedule": (cfg.optim.schedule, ("constant", "cosine")),
+        "mixed_precision": (cfg.mixed_precision, ("bf16", "fp16", "no")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ValueError(f"{key}: unknown {value!r}; choose from {list(allowed)}")
+    if cfg.data.crop_size % 8 or cfg.data.crop_size < 8:
+        raise ValueError(f"data.crop_size must be a positive multiple of 8, got {cfg.data.crop_size}")
+    if cfg.data.val_crop % 8:
+        raise ValueError(f"data.val_crop must be a multiple of 8 (or 0), got {cfg.data.val_crop}")
+    if not cfg.data.train:
+        raise ValueError("data.train is empty: set it to an image folder, e.g. --set data.train=DIR")
+    for key in ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "keep_checkpoints"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if len(cfg.optim.betas) != 2:
+        raise ValueError(f"optim.betas must have two values, got {cfg.optim.betas}")

@@ -1,0 +1,153 @@
+"""Training data: image folders / file lists, random square crops and flips, bad-file handling.
+
+Reproducibility: the crop and flip of an item depend only on ``(seed, epoch, index)`` and the
+order of items only on ``(seed, epoch)``. A resumed run therefore sees exactly the batches the
+uninterrupted run would have seen, whatever the number of DataLoader workers.
+
+A file that cannot be used (unreadable, or smaller than the crop under ``small_images: skip``)
+is replaced by the next usable item and reported in the batch's ``skipped`` list, so batches
+keep their size (which multi-process training needs) and nothing is silently lost.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from codec.images import ImageLoadError, center_crop_multiple, list_images, load_image, pil_to_tensor
+
+
+def gather_files(sources: list[str | os.PathLike]) -> list[Path]:
+    """All image files of several folders / file lists; a clear error when there are none."""
+    files: list[Path] = []
+    for src in sources:
+        if not Path(src).exists():
+            raise FileNotFoundError(f"data source {src} does not exist")
+        found = list_images(src)
+        if not found:
+            raise ValueError(f"no images (jpg, jpeg, png, webp, bmp, tif) found in {src}")
+        files += found
+    return files
+
+
+class CropDataset(Dataset):
+    """Random ``crop_size`` crops of image files; indexed by ``(index, epoch)`` pairs."""
+
+    MAX_REPLACEMENTS = 64
+
+    def __init__(
+        self,
+        files: list[Path],
+        crop_size: int,
+        small_images: str = "upscale",
+        random_flip: bool = True,
+        seed: int = 0,
+    ):
+        if not files:
+            raise ValueError("the training set is empty")
+        self.files, self.crop_size = list(files), crop_size
+        self.small_images, self.random_flip, self.seed = small_images, random_flip, seed
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key) -> dict:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        skipped = []
+        for attempt in range(self.MAX_REPLACEMENTS):
+            i = (index + attempt) % len(self.files)
+            try:
+                image = self._crop(load_image(self.files[i]), np.random.default_rng((self.seed, epoch, i)))
+                return {"pixels": image, "path": str(self.files[i]), "skipped": skipped}
+            except (ImageLoadError, _TooSmall) as exc:
+                skipped.append(f"{exc}")
+        raise RuntimeError(
+            f"{self.MAX_REPLACEMENTS} consecutive unusable images starting at {self.files[index]}; "
+            f"last reasons: {skipped[-3:]}"
+        )
+
+    def _crop(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        size = self.crop_size
+        w, h = img.size
+        if min(w, h) < size:
+            if self.small_images == "skip":
+                raise _TooSmall(f"{getattr(img, 'filename', '')} {w}x{h} is smaller than crop {size}")
+            scale = size / min(w, h)  # upscale the short side to the crop size
+            img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+            w, h = img.size
+        left = int(rng.integers(0, w - size + 1))
+        top = int(rng.integers(0, h - size + 1))
+        img = img.crop((left, top, left + size, top + size))
+        if self.random_flip and rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return pil_to_tensor(img)
+
+
+class _TooSmall(Exception):
+    pass
+
+
+def collate(items: list[dict]) -> dict:
+    return {
+        "pixels": torch.stack([it["pixels"] for it in items]),
+        "paths": [it["path"] for it in items],
+        "skipped": [s for it in items for s in it["skipped"]],
+    }
+
+
+class EpochSampler(Sampler):
+    """This process's share of one epoch, as ``(index, epoch)`` keys.
+
+    The permutation depends only on ``(seed, epoch)``, so every process builds the same one and
+    takes every ``world``-th item from ``rank`` (the remainder is dropped so all processes do the
+    same number of steps). ``set_position(epoch, start)`` resumes mid-epoch at item ``start`` of
+    this process's share.
+    """
+
+    def __init__(self, length: int, seed: int = 0, rank: int = 0, world: int = 1):
+        self.length, self.seed, self.rank, self.world = length, seed, rank, world
+        self.epoch, self.start = 0, 0
+
+    def set_position(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.length // self.world - self.start
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.length, generator=g).tolist()
+        share = order[: self.length // self.world * self.world][self.rank :: self.world]
+        return iter([(i, self.epoch) for i in share[self.start :]])
+
+
+def load_validation_images(files: list[Path], count: int, crop: int) -> tuple[torch.Tensor | list, list[str]]:
+    """Up to ``count`` held-out images, centre-cropped to ``crop`` (0: full size, cropped to a
+    multiple of 8). Returns a batch tensor when all share a size, else a list, plus the paths used.
+    Unreadable files are skipped and returned in the paths list with a reason."""
+    images, used = [], []
+    for path in files:
+        if len(images) >= count:
+            break
+        try:
+            x = pil_to_tensor(load_image(path))[None]
+        except ImageLoadError as exc:
+            used.append(f"skipped: {exc}")
+            continue
+        if crop:
+            if min(x.shape[-2:]) < crop:
+                used.append(f"skipped: {path} smaller than val_crop {crop}")
+                continue
+            h, w = x.shape[-2:]
+            top, left = (h - crop) // 2, (w - crop) // 2
+            x = x[..., top : top + crop, left : left + crop]
+        images.append(center_crop_multiple(x))
+        used.append(str(path))
+    if images and len({im.shape for im in images}) == 1:
+        return torch.cat(images), used
+    return images, used

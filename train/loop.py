@@ -1,0 +1,398 @@
+"""One accelerate training function for the kl-f8 autoencoder, readable top to bottom.
+
+Per optimiser step (house rule 7): ``accumulate(vae, disc)`` around both phases, the generator
+phase (reconstruction + LPIPS + KL [+ GAN]) then the discriminator phase on detached
+reconstructions; clipping, EMA, lr updates and step counting only when ``sync_gradients``.
+Checkpoints are accelerate ``save_state`` folders (plus an exportable ``codec/``), written
+atomically; ``resume=true`` continues from the exact step with the same data and RNG state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import AutoencoderKL
+from diffusers.training_utils import EMAModel
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from codec.codec import Codec
+from codec.images import make_grid_image
+from codec.lpips_weights import load_lpips
+from codec.metrics import LPIPSMetric, evaluate_pairs, summarize
+from codec.models import build_autoencoder, count_parameters, load_autoencoder
+
+from . import checkpoints as ckpt
+from .config import TrainConfig, save_config, to_dict, validate
+from .data import CropDataset, EpochSampler, collate, gather_files, load_validation_images
+from .discriminator import PatchDiscriminator
+from .losses import GeneratorLoss, disc_factor, discriminator_loss
+
+
+# Crops for measuring the scaling factor use an "epoch" training never reaches, so they are
+# fixed for the whole run and independent of the training order.
+SCALE_EPOCH = 10**9
+
+
+class Autoencoder(nn.Module):
+    """Wraps ``AutoencoderKL`` so one forward call (through DDP) returns the posterior too."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor):
+        posterior = self.vae.encode(x).latent_dist  # (B, 2*4, H/8, W/8) -> mean, logvar
+        recon = self.vae.decode(posterior.sample()).sample  # sampled z, as in the LDM recipe
+        return recon, posterior
+
+
+class TrainState:
+    """Counters saved with every checkpoint (registered with accelerate)."""
+
+    def __init__(self):
+        self.step = 0
+        self.skipped: dict[str, str] = {}  # file -> reason, across the whole run
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "skipped": dict(self.skipped)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.skipped = int(state["step"]), dict(state["skipped"])
+
+
+def build_vae(cfg: TrainConfig) -> AutoencoderKL:
+    if cfg.model.init_from:
+        return load_autoencoder(cfg.model.init_from)
+    return build_autoencoder(cfg.model.preset)
+
+
+def learning_rate(cfg: TrainConfig, step: int, base: float) -> float:
+    """Linear warm-up, then constant or cosine decay to ``min_lr_ratio * base``."""
+    o = cfg.optim
+    if o.warmup_steps and step < o.warmup_steps:
+        return base * (step + 1) / o.warmup_steps
+    if o.schedule == "cosine":
+        span = max(cfg.max_steps - o.warmup_steps, 1)
+        progress = min((step - o.warmup_steps) / span, 1.0)
+        return base * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return base
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train according to ``cfg``; returns the exported codec folder (``output_dir/codec``)."""
+    validate(cfg)
+    out = Path(cfg.output_dir)
+    ckpt_dir = out / "checkpoints"
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with="tensorboard",
+        project_dir=str(out),
+    )
+    set_seed(cfg.seed)
+    is_main = accelerator.is_main_process
+
+    resume_from = ckpt.latest_checkpoint(ckpt_dir) if cfg.resume else None
+    if not cfg.resume and ckpt.list_checkpoints(ckpt_dir):
+        raise FileExistsError(
+            f"{ckpt_dir} already holds checkpoints; pass --set resume=true to continue that run "
+            "or choose another output_dir"
+        )
+
+    # ---------------------------------------------------------------- model, loss, optimisers
+    vae = build_vae(cfg)
+    if resume_from:
+        ckpt.check_compatible(resume_from, vae.config)
+    if cfg.model.gradient_checkpointing:
+        vae.enable_gradient_checkpointing()
+    if cfg.model.train_decoder_only:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    model = Autoencoder(vae)
+    lpips_model = load_lpips(cfg.loss.perceptual_net) if cfg.loss.perceptual_weight > 0 else None
+    gen_loss = GeneratorLoss(cfg.loss, lpips_model)
+    disc = (
+        PatchDiscriminator(channels=cfg.loss.disc_channels, layers=cfg.loss.disc_layers)
+        if cfg.loss.disc_weight > 0
+        else None
+    )
+
+    scale = accelerator.num_processes * cfg.batch_size * cfg.grad_accum if cfg.optim.scale_lr else 1
+    base_lr = cfg.optim.lr * scale
+    base_disc_lr = (cfg.optim.disc_lr or cfg.optim.lr) * scale
+    trainable = [p for p in vae.parameters() if p.requires_grad]
+    opt_g = torch.optim.AdamW(
+        trainable + ([gen_loss.logvar] if cfg.loss.learn_logvar else []),
+        lr=base_lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
+    )
+    opt_d = (
+        torch.optim.AdamW(disc.parameters(), lr=base_disc_lr, betas=tuple(cfg.optim.betas))
+        if disc is not None
+        else None
+    )
+
+    # ---------------------------------------------------------------- data
+    files = gather_files(cfg.data.train)
+    dataset = CropDataset(files, cfg.data.crop_size, cfg.data.small_images, cfg.data.random_flip, cfg.seed)
+    per_rank = len(dataset) // accelerator.num_processes
+    batches_per_epoch = per_rank // cfg.batch_size
+    if batches_per_epoch < 1:
+        raise ValueError(
+            f"{len(dataset)} training images are too few for batch_size {cfg.batch_size} on "
+            f"{accelerator.num_processes} process(es)"
+        )
+    sampler = EpochSampler(len(dataset), cfg.seed, accelerator.process_index, accelerator.num_processes)
+
+    # ---------------------------------------------------------------- accelerate
+    if disc is not None:
+        model, disc, opt_g, opt_d = accelerator.prepare(model, disc, opt_g, opt_d)
+    else:
+        model, opt_g = accelerator.prepare(model, opt_g)
+    gen_loss.to(accelerator.device)
+    raw_vae = accelerator.unwrap_model(model).vae  # for EMA, export and the last layer only
+    raw_disc = accelerator.unwrap_model(disc) if disc is not None else None
+    last_layer = raw_vae.decoder.conv_out.weight
+    ema = EMAModel(raw_vae.parameters(), decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if ema is not None:
+        ema.to(accelerator.device)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state, gen_loss.logvar_state)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    if resume_from:
+        accelerator.load_state(str(resume_from))
+        accelerator.step = 0  # we always resume at an optimiser-step boundary
+        if is_main:
+            print(f"resumed from {resume_from} at step {state.step}")
+
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        accelerator.init_trackers("tensorboard", config=_flat_scalars(to_dict(cfg)))
+        print(
+            f"training {cfg.model.init_from or cfg.model.preset}: {count_parameters(raw_vae) / 1e6:.2f} M "
+            f"parameters ({sum(p.numel() for p in trainable) / 1e6:.2f} M trained), "
+            f"{len(dataset)} images, {accelerator.num_processes} process(es), output {out}"
+        )
+    val_images, _ = (
+        load_validation_images(gather_files(cfg.data.val), cfg.data.val_images, cfg.data.val_crop)
+        if cfg.data.val and is_main
+        else ([], [])
+    )
+    lpips_metric = LPIPSMetric("alex", accelerator.device) if len(val_images) else None
+    scale_images: list[torch.Tensor] = []  # filled on first export: fixed crops, main process only
+
+    def save_checkpoint() -> Path:
+        """All processes call this (accelerate writes per-process RNG states)."""
+        name = ckpt.checkpoint_name(state.step)
+        tmp = ckpt_dir / f"{name}.tmp"
+        accelerator.save_state(str(tmp))
+        if is_main:
+            save_config(cfg, tmp / "config.yaml")
+            (tmp / "vae_config.json").write_text(json.dumps(ckpt.architecture(raw_vae.config), indent=2))
+            export_codec(tmp / "codec")
+            ckpt.finish(tmp, ckpt_dir / name)
+            ckpt.prune(ckpt_dir, cfg.keep_checkpoints)
+        accelerator.wait_for_everyone()
+        return ckpt_dir / name
+
+    def eval_codec() -> Codec:
+        """A detached fp32 copy of the current weights (EMA where on) wrapped as a Codec."""
+        copy = AutoencoderKL.from_config(raw_vae.config)
+        if ema is not None:
+            ema.store(raw_vae.parameters())
+            ema.copy_to(raw_vae.parameters())
+        copy.load_state_dict({k: v.detach().float().cpu() for k, v in raw_vae.state_dict().items()})
+        if ema is not None:
+            ema.restore(raw_vae.parameters())
+        return Codec(copy, device=accelerator.device, batch_size=cfg.batch_size)
+
+    def export_codec(folder: Path) -> None:
+        if not scale_images:
+            count = min(cfg.scale_samples, len(dataset))
+            scale_images.extend(dataset[(i, SCALE_EPOCH)]["pixels"] for i in range(count))
+        codec = eval_codec()
+        gen = torch.Generator().manual_seed(cfg.seed)
+        factors = codec.measure_factors(torch.stack(scale_images).split(cfg.batch_size), generator=gen)
+        codec.set_factors(factors["scaling_factor"])
+        codec.save_pretrained(
+            folder,
+            meta={"step": state.step, "ema": ema is not None, "latent_stats": factors,
+                  "train_config": to_dict(cfg)},
+        )
+
+    def validate_now() -> dict:
+        codec = eval_codec()
+        batches = [val_images] if isinstance(val_images, torch.Tensor) else [v for v in val_images]
+        pairs = [(b, codec.reconstruct(b)) for b in batches]
+        per_image = evaluate_pairs(pairs, lpips_metric)
+        stats = {f"val/{k}": summarize(v)["mean"] for k, v in per_image.items()}
+        accelerator.log(stats, step=state.step)
+        x, y = pairs[0]
+        grid = make_grid_image([x[:8], y[:8]], out / "samples" / f"val_{state.step:08d}.png")
+        _log_image(accelerator, "val/reconstruction", grid, state.step)
+        return stats
+
+    # ---------------------------------------------------------------- the loop
+    model.train()
+    if disc is not None:
+        disc.train()
+    start = time.monotonic()
+    progress = tqdm(total=cfg.max_steps, initial=state.step, disable=not is_main, desc="train")
+    stop = False
+    while state.step < cfg.max_steps and not stop:
+        done_batches = state.step * cfg.grad_accum
+        epoch, skip = divmod(done_batches, batches_per_epoch)
+        sampler.set_position(epoch, skip * cfg.batch_size)
+        loader = DataLoader(
+            dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
+            num_workers=cfg.data.num_workers, drop_last=True,
+            persistent_workers=False, pin_memory=accelerator.device.type == "cuda",
+        )
+        for batch in loader:
+            _record_skipped(state, batch["skipped"], is_main)
+            x = batch["pixels"].to(accelerator.device, non_blocking=True)
+            if accelerator.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with accelerator.accumulate(model, *([disc] if disc is not None else [])):
+                # -- generator phase
+                with accelerator.autocast():
+                    recon, posterior = model(x)
+                    # The discriminator judges x̂ here with its own weights frozen: its plain
+                    # module is used because no discriminator gradient may be produced now.
+                    with _frozen(raw_disc):
+                        loss, logs = gen_loss(x, recon, posterior, state.step, raw_disc, last_layer)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    if cfg.loss.learn_logvar and accelerator.num_processes > 1:
+                        gen_loss.logvar.grad = accelerator.reduce(gen_loss.logvar.grad, "mean")
+                    logs["grad_norm"] = _clip(accelerator, trainable, cfg.optim.max_grad_norm)
+                    _set_lr(opt_g, learning_rate(cfg, state.step, base_lr))
+                opt_g.step()
+                opt_g.zero_grad(set_to_none=True)
+
+                # -- discriminator phase (only once it is switched on)
+                factor = disc_factor(cfg.loss, state.step)
+                if disc is not None and factor > 0:
+                    with accelerator.autocast():
+                        d_loss, d_logs = discriminator_loss(disc, x, recon, factor)
+                    accelerator.backward(d_loss)
+                    if accelerator.sync_gradients:
+                        _clip(accelerator, list(disc.parameters()), cfg.optim.max_grad_norm)
+                        _set_lr(opt_d, learning_rate(cfg, state.step, base_disc_lr))
+                    opt_d.step()
+                    opt_d.zero_grad(set_to_none=True)
+                    logs.update(d_logs)
+
+            if not accelerator.sync_gradients:
+                continue
+            if not math.isfinite(logs["loss"]):
+                raise FloatingPointError(f"non-finite loss at step {state.step}: {logs}")
+            if ema is not None:
+                ema.step(raw_vae.parameters())
+            state.step += 1
+            progress.update(1)
+            if state.step % cfg.log_every == 0 or state.step == 1:
+                logs["lr"] = opt_g.param_groups[0]["lr"]
+                accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=state.step)
+                progress.set_postfix(loss=f"{logs['loss']:.4g}", rec=f"{logs['rec']:.4f}")
+            if is_main and cfg.image_every and state.step % cfg.image_every == 0:
+                grid = make_grid_image([x[:4].detach(), recon[:4].detach().float()],
+                                       out / "samples" / f"train_{state.step:08d}.png")
+                _log_image(accelerator, "train/reconstruction", grid, state.step)
+            if is_main and len(val_images) and state.step % cfg.val_every == 0:
+                validate_now()
+            if cfg.max_minutes > 0:
+                over = torch.tensor(float(time.monotonic() - start > cfg.max_minutes * 60), device=accelerator.device)
+                stop = bool(accelerator.reduce(over, "max").item())  # every rank stops together
+            done = state.step >= cfg.max_steps or stop
+            if state.step % cfg.checkpoint_every == 0 and not done:
+                save_checkpoint()
+            if done:
+                break
+
+    progress.close()
+    final = ckpt_dir / ckpt.checkpoint_name(state.step)
+    if not (final / ckpt.COMPLETE).exists():
+        final = save_checkpoint()
+    codec_dir = out / "codec"
+    if is_main:
+        if len(val_images):
+            stats = validate_now()
+            print("validation: " + ", ".join(f"{k[4:]} {v:.4f}" for k, v in stats.items()))
+        if codec_dir.exists():
+            shutil.rmtree(codec_dir)
+        shutil.copytree(final / "codec", codec_dir)
+        if state.skipped:
+            listing = "".join(f"{f}\t{r}\n" for f, r in sorted(state.skipped.items()))
+            (out / "skipped_files.tsv").write_text(listing)
+            print(f"skipped {len(state.skipped)} unusable file(s); listed in {out / 'skipped_files.tsv'}")
+        print(f"step {state.step}: checkpoint {final}, codec {codec_dir}")
+    accelerator.end_training()
+    return codec_dir
+
+
+# ------------------------------------------------------------------------- small helpers
+def _clip(accelerator: Accelerator, params: list, max_norm: float) -> float:
+    """Clip when ``max_norm`` > 0; returns the gradient norm before clipping (for the logs)."""
+    if max_norm > 0:
+        return float(accelerator.clip_grad_norm_(params, max_norm))
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def _set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class _frozen:
+    """Temporarily set ``requires_grad=False`` on a module's parameters (None is a no-op)."""
+
+    def __init__(self, module: nn.Module | None):
+        self.module = module
+
+    def __enter__(self):
+        if self.module is not None:
+            self.module.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        if self.module is not None:
+            self.module.requires_grad_(True)
+
+
+def _record_skipped(state: TrainState, skipped: list[str], is_main: bool) -> None:
+    for reason in skipped:
+        path = reason.split(":", 1)[0]
+        if path not in state.skipped:
+            state.skipped[path] = reason
+            if is_main:
+                tqdm.write(f"skipped unusable file ({len(state.skipped)} so far): {reason}")
+
+
+def _log_image(accelerator: Accelerator, tag: str, path: Path, step: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    tracker = accelerator.get_tracker("tensorboard", unwrap=True)
+    tracker.add_image(tag, np.asarray(Image.open(path)), step, dataformats="HWC")
+
+
+def _flat_scalars(tree: dict, prefix: str = "") -> dict:
+    """tensorboard hparams take scalars only: flatten sections, stringify lists."""
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            flat.update(_flat_scalars(v, f"{prefix}{k}."))
+        else:
+            flat[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return flat
