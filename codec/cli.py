@@ -1,0 +1,210 @@
+"""``vae-codec``: export, encode, decode and evaluate codecs from the command line.
+
+Every subcommand is a function of parsed arguments; ``main(argv)`` returns an exit code so the
+CLI is tested in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .codec import Codec
+from .images import ImageLoadError, center_crop_multiple, list_images, load_image, pil_to_tensor, save_image
+
+
+# ------------------------------------------------------------------------- export
+def find_codec_folder(source: Path) -> Path:
+    """A training run, one checkpoint, or a codec folder -> the diffusers folder to export."""
+    if (source / "config.json").exists():
+        return source  # already a codec folder
+    if (source / "codec" / "config.json").exists() and (source / "COMPLETE").exists():
+        return source / "codec"  # one checkpoint
+    ckpts = source / "checkpoints"
+    if ckpts.is_dir():
+        complete = sorted(p for p in ckpts.iterdir() if (p / "COMPLETE").exists() and (p / "codec").is_dir())
+        if complete:
+            return complete[-1] / "codec"
+    raise FileNotFoundError(
+        f"{source}: not a training run (with checkpoints/), a checkpoint (step_XXXXXXXX/) or a "
+        "codec folder (config.json)"
+    )
+
+
+def cmd_export(args) -> int:
+    src = find_codec_folder(Path(args.source))
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    codec = Codec.from_pretrained(src, device="cpu")
+    if args.data:
+        files = list_images(args.data)[: args.samples]
+        batches = [_load_crop(f, args.resolution) for f in files]
+        batches = [b for b in batches if b is not None]
+        factors = codec.measure_factors(batches, generator=torch.Generator().manual_seed(0))
+        codec.set_factors(factors["scaling_factor"])
+        codec.meta["latent_stats"] = factors
+        print(f"measured scaling_factor {factors['scaling_factor']:.5f} on {factors['num_images']} images")
+    if out.exists():
+        shutil.rmtree(out)
+    codec.save_pretrained(out, meta={"exported_from": str(src)})
+    print(f"exported {src} -> {out} (scaling_factor {codec.scaling_factor:.5f})")
+    return 0
+
+
+def _load_crop(path: Path, size: int) -> torch.Tensor | None:
+    try:
+        x = pil_to_tensor(load_image(path))[None]
+    except ImageLoadError as exc:
+        print(f"skipped: {exc}", file=sys.stderr)
+        return None
+    h, w = x.shape[-2:]
+    s = min(size, h, w) // 8 * 8
+    top, left = (h - s) // 2, (w - s) // 2
+    return x[..., top : top + s, left : left + s]
+
+
+# ------------------------------------------------------------------------- encode / decode
+def _codec(args) -> Codec:
+    return Codec.from_pretrained(args.codec, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+
+
+def cmd_encode(args) -> int:
+    codec = _codec(args)
+    image = pil_to_tensor(load_image(args.image))[None]
+    h, w = image.shape[-2:]
+    gen = torch.Generator().manual_seed(args.seed) if args.sample else None
+    latents = codec.encode(image, sample=args.sample, generator=gen, pad=args.pad)
+    meta = {
+        "height": str(h), "width": str(w), "source": str(args.image),
+        "scaling_factor": repr(codec.scaling_factor), "shift_factor": repr(codec.shift_factor),
+        "codec": str(args.codec), "sampled": str(bool(args.sample)),
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    save_file({"latents": latents.contiguous()}, args.output, metadata=meta)
+    print(f"{args.image} ({w}x{h}) -> {args.output} latents {tuple(latents.shape)}")
+    return 0
+
+
+def cmd_decode(args) -> int:
+    codec = _codec(args)
+    from safetensors import safe_open
+
+    with safe_open(args.latents, "pt") as f:
+        meta = f.metadata() or {}
+    tensors = load_file(args.latents)
+    if "latents" not in tensors:
+        raise ValueError(f"{args.latents}: no 'latents' tensor (found {sorted(tensors)})")
+    size = (int(meta["height"]), int(meta["width"])) if "height" in meta else None
+    saved_scale = meta.get("scaling_factor")
+    if saved_scale is not None and abs(float(saved_scale) - codec.scaling_factor) > 1e-6:
+        print(
+            f"warning: latents were scaled with {saved_scale}, this codec uses "
+            f"{codec.scaling_factor}", file=sys.stderr,
+        )
+    image = codec.decode(tensors["latents"], size=size)
+    save_image(image[:1], args.output)
+    print(f"{args.latents} -> {args.output} ({image.shape[-1]}x{image.shape[-2]})")
+    return 0
+
+
+# ------------------------------------------------------------------------- eval
+def cmd_eval(args) -> int:
+    from .metrics import LPIPSMetric, evaluate_pairs, summarize
+
+    codec = _codec(args)
+    files = list_images(args.data)
+    if args.limit:
+        files = files[: args.limit]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lpips_alex = LPIPSMetric("alex", codec.device)
+    rows, skipped = [], []
+    for path in files:
+        try:
+            x = center_crop_multiple(pil_to_tensor(load_image(path))[None])
+        except ImageLoadError as exc:
+            skipped.append(str(exc))
+            continue
+        y = codec.reconstruct(x)
+        m = evaluate_pairs([(x, y)], lpips_alex)
+        rows.append({"file": str(path), **{("lpips_alex" if k == "lpips" else k): v[0] for k, v in m.items()}})
+    if not rows:
+        raise ValueError(f"no readable images in {args.data}")
+    keys = [k for k in rows[0] if k != "file"]
+    metrics = {k: summarize([r[k] for r in rows]) for k in keys}
+    report = {"codec": str(args.codec), "data": str(args.data), "images": len(rows),
+              "skipped": skipped, "metrics": metrics}
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    with open(out / "per_image.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["file", *keys])
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = ", ".join(f"{k} {v['mean']:.4f} ± {v['std']:.4f}" for k, v in metrics.items())
+    print(f"{len(rows)} images: {summary}; written to {out}")
+    return 0
+
+
+# ------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vae-codec", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="training run / checkpoint -> diffusers AutoencoderKL folder")
+    p.add_argument("source", help="a run folder (uses its latest checkpoint), a checkpoint, or a codec")
+    p.add_argument("output")
+    p.add_argument("--data", help="images to re-measure scaling_factor on (default: keep the run's)")
+    p.add_argument("--samples", type=int, default=64, help="images used with --data")
+    p.add_argument("--resolution", type=int, default=256, help="centre crop used with --data")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    def codec_args(p):
+        p.add_argument("--codec", required=True, help="codec folder (ours or any diffusers AutoencoderKL)")
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+        p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+        p.add_argument("--batch-size", type=int, default=8)
+
+    p = sub.add_parser("encode", help="image -> latents (.safetensors)")
+    codec_args(p)
+    p.add_argument("image")
+    p.add_argument("output")
+    p.add_argument("--sample", action="store_true", help="sample the posterior instead of its mean")
+    p.add_argument("--seed", type=int, default=0, help="seed for --sample")
+    p.add_argument("--pad", action="store_true", help="pad sizes that are not multiples of 8")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("decode", help="latents (.safetensors) -> image")
+    codec_args(p)
+    p.add_argument("latents")
+    p.add_argument("output")
+    p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser("eval", help="reconstruction metrics on an image folder")
+    codec_args(p)
+    p.add_argument("--data", required=True, help="image folder or file list")
+    p.add_argument("--out", required=True, help="folder for metrics.json and per_image.csv")
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N images")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, FileExistsError, ValueError, ImageLoadError) as exc:
+        print(f"vae-codec {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
