@@ -207,7 +207,10 @@ def train(cfg: TrainConfig) -> Path:
 
     def eval_codec() -> Codec:
         """A detached fp32 copy of the current weights (EMA where on) wrapped as a Codec."""
-        copy = AutoencoderKL.from_config(raw_vae.config)
+        # The copy's random initialisation must not advance the training RNG: a run that
+        # exports at step N would otherwise diverge from one resumed at step N.
+        with torch.random.fork_rng(devices=[]):
+            copy = AutoencoderKL.from_config(raw_vae.config)
         if ema is not None:
             ema.store(raw_vae.parameters())
             ema.copy_to(raw_vae.parameters())
@@ -256,7 +259,10 @@ def train(cfg: TrainConfig) -> Path:
         loader = DataLoader(
             dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
             num_workers=cfg.data.num_workers, drop_last=True,
-            persistent_workers=False, pin_memory=accelerator.device.type == "cuda",
+            pin_memory=accelerator.device.type == "cuda",
+            # Its own generator: creating an iterator draws a worker seed, which must not come
+            # from the global RNG (a resumed run creates its iterator at a different moment).
+            generator=torch.Generator().manual_seed(cfg.seed + epoch),
         )
         for batch in loader:
             _record_skipped(state, batch["skipped"], is_main)
