@@ -14,26 +14,24 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-# scikit-image's bundled photos (skimage/data/*.png|jpg); greyscale ones become RGB textures.
-TRAIN_IMAGES = ["astronaut", "hubble_deep_field", "immunohistochemistry", "retina", "rocket",
-                "motorcycle_left", "camera", "brick", "grass", "gravel", "moon", "coins"]
-EVAL_IMAGES = ["chelsea", "coffee"]  # held out: a cat and a cup, never seen in training
+# Photos bundled inside the scikit-image wheel (skimage/data/); greyscale ones are loaded as
+# RGB textures. Copied as files, so the demo exercises the same image loader users get.
+TRAIN_IMAGES = ["astronaut.png", "hubble_deep_field.jpg", "ihc.png", "retina.jpg", "rocket.jpg",
+                "motorcycle_left.png", "camera.png", "brick.png", "grass.png", "gravel.png",
+                "moon.png", "coins.png"]
+EVAL_IMAGES = ["chelsea.png", "coffee.png"]  # held out: a cat and a cup, never trained on
 
 
 def write_skimage_photos(names: list[str], folder: Path) -> list[Path]:
     import skimage.data
 
+    source = Path(skimage.data.__file__).parent
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
     for name in names:
-        arr = getattr(skimage.data, name)()
-        path = folder / f"{name}.png"
-        Image.fromarray(arr).save(path)
-        paths.append(path)
-    return paths
+        shutil.copy(source / name, folder / name)
+    return [folder / name for name in names]
 
 
 def main(argv: list[str] | None = None) -> int:

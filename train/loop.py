@@ -93,6 +93,9 @@ def train(cfg: TrainConfig) -> Path:
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
     accelerator = Accelerator(
+        # Without a GPU, processes started by torchrun / `accelerate launch` must be told they are
+        # CPU workers, or each one believes it trains alone (and they overwrite each other).
+        cpu=not torch.cuda.is_available(),
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum,
         log_with="tensorboard",

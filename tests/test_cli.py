@@ -1,0 +1,70 @@
+"""vae-codec export / encode / decode / eval, in-process through main(argv)."""
+
+import json
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+from safetensors import safe_open
+
+from codec import Codec
+from codec.cli import main
+from codec.models import build_autoencoder
+
+from conftest import smooth_image
+
+
+def make_codec(tmp_path):
+    torch.manual_seed(0)
+    codec = Codec(build_autoencoder("test"), device="cpu")
+    codec.set_factors(0.5)
+    return codec.save_pretrained(tmp_path / "codec")
+
+
+def test_encode_decode_round_trip_with_padding(tmp_path):
+    folder = make_codec(tmp_path)
+    img = tmp_path / "photo.png"
+    Image.fromarray(smooth_image(0, 30, 44)).save(img)  # not a multiple of 8
+    lat, out = tmp_path / "photo.latents.safetensors", tmp_path / "recon.png"
+    assert main(["encode", "--codec", str(folder), str(img), str(lat)]) == 2  # clear error without --pad
+    assert main(["encode", "--codec", str(folder), "--pad", str(img), str(lat)]) == 0
+    with safe_open(lat, "pt") as f:
+        assert f.get_tensor("latents").shape == (1, 4, 4, 6)
+        assert f.metadata()["height"] == "30" and float(f.metadata()["scaling_factor"]) == 0.5
+    assert main(["decode", "--codec", str(folder), str(lat), str(out)]) == 0
+    assert Image.open(out).size == (44, 30)  # cropped back to the original size
+    expected = Codec.from_pretrained(folder, device="cpu").reconstruct(
+        torch.from_numpy(np.asarray(Image.open(img))).permute(2, 0, 1)[None] / 127.5 - 1, pad=True)
+    got = torch.from_numpy(np.asarray(Image.open(out))).permute(2, 0, 1)[None] / 127.5 - 1
+    assert (got - expected.clamp(-1, 1)).abs().max() <= 1 / 127.5 + 1e-6  # 8-bit rounding only
+
+
+def test_export_run_and_remeasure(tmp_path, image_folder):
+    from train.__main__ import main as train_main
+
+    run = tmp_path / "run"
+    assert train_main([
+        "--set", "model.preset=test", "--set", f"output_dir={run}", "--set", f"data.train={image_folder}",
+        "--set", "data.crop_size=32", "--set", "batch_size=2", "--set", "max_steps=2",
+        "--set", "loss.perceptual_weight=0", "--set", "data.num_workers=0", "--set", "scale_samples=4",
+    ]) == 0
+    out = tmp_path / "export"
+    assert main(["export", str(run), str(out)]) == 0
+    vae = AutoencoderKL.from_pretrained(out)
+    meta = json.loads((out / "vae_codec.json").read_text())
+    assert vae.config.scaling_factor == meta["latent_stats"]["scaling_factor"] != 1.0
+    assert main(["export", str(run), str(out)]) == 2  # refuses to overwrite silently
+    assert main(["export", str(run), str(out), "--overwrite", "--data", str(image_folder),
+                 "--resolution", "32"]) == 0
+    assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
+
+
+def test_eval_writes_metrics(tmp_path, image_folder):
+    folder = make_codec(tmp_path)
+    (image_folder / "broken.jpg").write_bytes(b"nope")
+    assert main(["eval", "--codec", str(folder), "--data", str(image_folder), "--out", str(tmp_path / "ev")]) == 0
+    report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert report["images"] == 12 and any("broken.jpg" in s for s in report["skipped"])
+    assert set(report["metrics"]) == {"psnr", "ssim", "lpips_alex"}
+    assert (tmp_path / "ev" / "per_image.csv").read_text().count("\n") == 13
