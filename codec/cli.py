@@ -7,7 +7,6 @@ CLI is tested in-process.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shutil
 import sys
@@ -17,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .codec import Codec
-from .images import ImageLoadError, center_crop_multiple, list_images, load_image, pil_to_tensor, save_image
+from .images import ImageLoadError, list_images, load_image, pil_to_tensor, save_image
 
 
 # ------------------------------------------------------------------------- export
@@ -115,43 +114,6 @@ def cmd_decode(args) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------- eval
-def cmd_eval(args) -> int:
-    from .metrics import LPIPSMetric, evaluate_pairs, summarize
-
-    codec = _codec(args)
-    files = list_images(args.data)
-    if args.limit:
-        files = files[: args.limit]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    lpips_alex = LPIPSMetric("alex", codec.device)
-    rows, skipped = [], []
-    for path in files:
-        try:
-            x = center_crop_multiple(pil_to_tensor(load_image(path))[None])
-        except ImageLoadError as exc:
-            skipped.append(str(exc))
-            continue
-        y = codec.reconstruct(x)
-        m = evaluate_pairs([(x, y)], lpips_alex)
-        rows.append({"file": str(path), **{("lpips_alex" if k == "lpips" else k): v[0] for k, v in m.items()}})
-    if not rows:
-        raise ValueError(f"no readable images in {args.data}")
-    keys = [k for k in rows[0] if k != "file"]
-    metrics = {k: summarize([r[k] for r in rows]) for k in keys}
-    report = {"codec": str(args.codec), "data": str(args.data), "images": len(rows),
-              "skipped": skipped, "metrics": metrics}
-    (out / "metrics.json").write_text(json.dumps(report, indent=2))
-    with open(out / "per_image.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["file", *keys])
-        writer.writeheader()
-        writer.writerows(rows)
-    summary = ", ".join(f"{k} {v['mean']:.4f} ± {v['std']:.4f}" for k, v in metrics.items())
-    print(f"{len(rows)} images: {summary}; written to {out}")
-    return 0
-
-
 # ------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vae-codec", description=__doc__.split("\n")[0])
@@ -166,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
 
-    def codec_args(p):
+    def codec_args(p):  # shared by every subcommand that loads a codec
         p.add_argument("--codec", required=True, help="codec folder (ours or any diffusers AutoencoderKL)")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
         p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
@@ -187,12 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output")
     p.set_defaults(func=cmd_decode)
 
-    p = sub.add_parser("eval", help="reconstruction metrics on an image folder")
-    codec_args(p)
-    p.add_argument("--data", required=True, help="image folder or file list")
-    p.add_argument("--out", required=True, help="folder for metrics.json and per_image.csv")
-    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N images")
-    p.set_defaults(func=cmd_eval)
+    from . import evaluate
+
+    evaluate.register(sub, codec_args)
     return parser
 
 

@@ -86,3 +86,13 @@ def test_config_errors_exit_cleanly(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(REPO / "configs" / "tiny.yaml"), "--set", "optim.lrr=1"])
     assert "valid keys" in capsys.readouterr().err
+
+
+def test_learned_logvar_accumulation_and_bf16_autocast(tmp_path, image_folder):
+    out = tmp_path / "run"
+    assert main(args(out, image_folder, "max_steps=3", "loss.learn_logvar=true", "grad_accum=2",
+                     "mixed_precision=bf16", "optim.max_grad_norm=1.0", "loss.disc_weight=0")) == 0
+    state = torch.load(out / "checkpoints" / "step_00000003" / "custom_checkpoint_1.pkl", weights_only=True)
+    assert state["value"].item() != 0.0  # logvar moved from its initial 0
+    train_state = torch.load(out / "checkpoints" / "step_00000003" / "custom_checkpoint_0.pkl", weights_only=True)
+    assert train_state["step"] == 3

@@ -78,7 +78,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_steps: int = 1000  # optimiser steps
     max_minutes: float = 0.0  # wall-clock budget for this invocation; 0 = none
-    mixed_precision: str = "no"  # "no", "fp16" or "bf16" (autocast, weights stay fp32)
+    mixed_precision: str = "no"  # "no", "fp16", "bf16" (autocast, weights stay fp32) or "auto"
     ema_decay: float = 0.999  # 0 disables EMA
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
@@ -186,7 +186,7 @@ def validate(cfg: TrainConfig) -> None:
         "loss.perceptual_net": (cfg.loss.perceptual_net, ("alex", "vgg")),
         "data.small_images": (cfg.data.small_images, ("skip", "upscale")),
         "optim.schedule": (cfg.optim.schedule, ("constant", "cosine")),
-        "mixed_precision": (cfg.mixed_precision, ("bf16", "fp16", "no")),
+        "mixed_precision": (cfg.mixed_precision, ("auto", "bf16", "fp16", "no")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

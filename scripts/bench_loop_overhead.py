@@ -1,0 +1,97 @@
+"""Loop overhead: images/s of our training loop against a plain hand-written PyTorch loop.
+
+Both train the same preset on the same crops with the same loss (L1 + 1e-6 KL, no LPIPS, no
+GAN) and optimiser. Ours is the real ``train.loop.train`` (accelerate, data loader with
+workers, accumulation bookkeeping, EMA, logging); its start-up and final export are removed by
+differencing two runs of N1 and N2 steps. The plain loop runs over tensors already in memory.
+Runs alternate in one process; we report min and median over repeats.
+
+    python -m scripts.bench_loop_overhead --data ../shared/data/bsds500/train
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def plain_loop(preset: str, crops: torch.Tensor, steps: int, batch: int, lr: float) -> float:
+    """Seconds for ``steps`` optimiser steps of a hand-written loop."""
+    from codec.models import build_autoencoder
+
+    torch.manual_seed(0)
+    vae = build_autoencoder(preset).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    start = time.perf_counter()
+    for step in range(steps):
+        i = (step * batch) % (len(crops) - batch + 1)
+        x = crops[i : i + batch]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = (x - recon).abs().sum() / batch + 1e-6 * posterior.kl().sum() / batch
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def our_loop(preset: str, data: Path, steps: int, batch: int, crop: int, lr: float, ema: float, out: Path) -> float:
+    from train.config import load_config
+    from train.loop import train
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [
+        f"model.preset={preset}", f"data.train={data}", f"output_dir={out}", f"max_steps={steps}",
+        f"batch_size={batch}", f"data.crop_size={crop}", f"optim.lr={lr}", "optim.warmup_steps=0",
+        "optim.schedule=constant", "loss.perceptual_weight=0", f"ema_decay={ema}",
+        "checkpoint_every=100000", "image_every=0", "log_every=10", "data.num_workers=1",
+    ])
+    start = time.perf_counter()
+    train(cfg)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "bsds500" / "train"))
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--crop", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--n1", type=int, default=10)
+    parser.add_argument("--n2", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    from codec.images import list_images, load_image, pil_to_tensor
+
+    files = list_images(args.data)[:64]
+    crops = torch.stack([pil_to_tensor(load_image(f))[:, : args.crop, : args.crop] for f in files])
+    steps = args.n2 - args.n1
+    rows = {"plain": [], "ours (EMA off)": [], "ours (EMA on)": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):
+            rows["plain"].append(plain_loop(args.preset, crops, steps, args.batch, 5e-4))
+            for name, ema in (("ours (EMA off)", 0.0), ("ours (EMA on)", 0.999)):
+                t1 = our_loop(args.preset, Path(args.data), args.n1, args.batch, args.crop, 5e-4, ema, Path(tmp) / f"a{r}{ema}")
+                t2 = our_loop(args.preset, Path(args.data), args.n2, args.batch, args.crop, 5e-4, ema, Path(tmp) / f"b{r}{ema}")
+                rows[name].append(t2 - t1)
+            print(f"repeat {r}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in rows.items()), flush=True)
+    ips = {k: [steps * args.batch / t for t in v] for k, v in rows.items()}
+    base = statistics.median(ips["plain"])
+    print(f"\n{args.preset}, crop {args.crop}, batch {args.batch}, {steps} steps per timing, {args.repeats} repeats")
+    print("| loop | images/s min | images/s median | overhead vs plain (median) |")
+    print("|---|---|---|---|")
+    for k, v in ips.items():
+        print(f"| {k} | {min(v):.2f} | {statistics.median(v):.2f} | {100 * (1 - statistics.median(v) / base):+.1f}% |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
