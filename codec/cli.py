@@ -7,7 +7,6 @@ CLI is tested in-process.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
