@@ -164,7 +164,9 @@ def _coerce(value, hint, key: str):
             return float(value)  # YAML 1.1 reads "1e-4" as a string
         except ValueError:
             pass
-    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if hint is str and isinstance(value, bool):
+        return "yes" if value else "no"  # YAML 1.1 reads no/off/false as False: `mixed_precision: no`
+    if hint is str and isinstance(value, (int, float)):
         return str(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ValueError(f"{key}: expected {hint.__name__}, got {value!r}")

@@ -163,7 +163,9 @@ def train(cfg: TrainConfig) -> Path:
             f"{len(dataset)} training images are too few for batch_size {cfg.batch_size} on "
             f"{accelerator.num_processes} process(es)"
         )
-    sampler = EpochSampler(len(dataset), cfg.seed, accelerator.process_index, accelerator.num_processes)
+    sampler = EpochSampler(
+        len(dataset), cfg.seed, accelerator.process_index, accelerator.num_processes, cfg.batch_size
+    )
 
     # ---------------------------------------------------------------- accelerate
     if disc is not None:
@@ -264,80 +266,82 @@ def train(cfg: TrainConfig) -> Path:
         disc.train()
     start = time.monotonic()
     progress = tqdm(total=cfg.max_steps, initial=state.step, disable=not is_main, desc="train")
+    # One loader for the whole run, positioned where this run stands (0 or the resumed step).
+    epoch, skip = divmod(state.step * cfg.grad_accum, batches_per_epoch)
+    remaining = (cfg.max_steps - state.step) * cfg.grad_accum * cfg.batch_size
+    sampler.set_position(epoch, skip * cfg.batch_size, max(remaining, 0))
+    loader = DataLoader(
+        dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
+        num_workers=cfg.data.num_workers, drop_last=True,
+        pin_memory=accelerator.device.type == "cuda",
+        # Its own generator: creating an iterator draws a worker seed, which must not come
+        # from the global RNG (a resumed run creates its iterator at a different moment).
+        generator=torch.Generator().manual_seed(cfg.seed + state.step),
+    )
     stop = False
-    while state.step < cfg.max_steps and not stop:
-        done_batches = state.step * cfg.grad_accum
-        epoch, skip = divmod(done_batches, batches_per_epoch)
-        sampler.set_position(epoch, skip * cfg.batch_size)
-        loader = DataLoader(
-            dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
-            num_workers=cfg.data.num_workers, drop_last=True,
-            pin_memory=accelerator.device.type == "cuda",
-            # Its own generator: creating an iterator draws a worker seed, which must not come
-            # from the global RNG (a resumed run creates its iterator at a different moment).
-            generator=torch.Generator().manual_seed(cfg.seed + epoch),
-        )
-        for batch in loader:
-            _record_skipped(state, batch["skipped"], is_main)
-            x = batch["pixels"].to(accelerator.device, non_blocking=True)
-            if accelerator.device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with accelerator.accumulate(model, *([disc] if disc is not None else [])):
-                # -- generator phase
-                with accelerator.autocast():
-                    recon, posterior = model(x)
-                    # The discriminator judges x̂ here with its own weights frozen: its plain
-                    # module is used because no discriminator gradient may be produced now.
-                    with _frozen(raw_disc):
-                        loss, logs = gen_loss(x, recon, posterior, state.step, raw_disc, last_layer)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    if cfg.loss.learn_logvar and accelerator.num_processes > 1:
-                        gen_loss.logvar.grad = accelerator.reduce(gen_loss.logvar.grad, "mean")
+    for batch in loader:
+        _record_skipped(state, batch["skipped"], is_main)
+        x = batch["pixels"].to(accelerator.device, non_blocking=True)
+        if accelerator.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with accelerator.accumulate(model, *([disc] if disc is not None else [])):
+            # -- generator phase
+            with accelerator.autocast():
+                recon, posterior = model(x)
+                # The discriminator judges x̂ here with its own weights frozen: its plain
+                # module is used because no discriminator gradient may be produced now.
+                with _frozen(raw_disc):
+                    loss, logs = gen_loss(x, recon, posterior, state.step, raw_disc, last_layer)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                if cfg.loss.learn_logvar and accelerator.num_processes > 1:
+                    gen_loss.logvar.grad = accelerator.reduce(gen_loss.logvar.grad, "mean")
+                if cfg.optim.max_grad_norm > 0 or (state.step + 1) % cfg.log_every == 0:
                     logs["grad_norm"] = _clip(accelerator, trainable, cfg.optim.max_grad_norm)
-                    _set_lr(opt_g, learning_rate(cfg, state.step, base_lr))
-                opt_g.step()
-                opt_g.zero_grad(set_to_none=True)
+                _set_lr(opt_g, learning_rate(cfg, state.step, base_lr))
+            opt_g.step()
+            opt_g.zero_grad(set_to_none=True)
 
-                # -- discriminator phase (only once it is switched on)
-                factor = disc_factor(cfg.loss, state.step)
-                if disc is not None and factor > 0:
-                    with accelerator.autocast():
-                        d_loss, d_logs = discriminator_loss(disc, x, recon, factor)
-                    accelerator.backward(d_loss)
-                    if accelerator.sync_gradients:
+            # -- discriminator phase (only once it is switched on)
+            factor = disc_factor(cfg.loss, state.step)
+            if disc is not None and factor > 0:
+                with accelerator.autocast():
+                    d_loss, d_logs = discriminator_loss(disc, x, recon, factor)
+                accelerator.backward(d_loss)
+                if accelerator.sync_gradients:
+                    if cfg.optim.max_grad_norm > 0:
                         _clip(accelerator, list(disc.parameters()), cfg.optim.max_grad_norm)
-                        _set_lr(opt_d, learning_rate(cfg, state.step, base_disc_lr))
-                    opt_d.step()
-                    opt_d.zero_grad(set_to_none=True)
-                    logs.update(d_logs)
+                    _set_lr(opt_d, learning_rate(cfg, state.step, base_disc_lr))
+                opt_d.step()
+                opt_d.zero_grad(set_to_none=True)
+                logs.update(d_logs)
 
-            if not accelerator.sync_gradients:
-                continue
-            if not math.isfinite(logs["loss"]):
-                raise FloatingPointError(f"non-finite loss at step {state.step}: {logs}")
-            if ema is not None:
-                ema.step(raw_vae.parameters())
-            state.step += 1
-            progress.update(1)
-            if state.step % cfg.log_every == 0 or state.step == 1:
-                logs["lr"] = opt_g.param_groups[0]["lr"]
-                accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=state.step)
-                progress.set_postfix(loss=f"{logs['loss']:.4g}", rec=f"{logs['rec']:.4f}")
-            if is_main and cfg.image_every and state.step % cfg.image_every == 0:
-                grid = make_grid_image([x[:4].detach(), recon[:4].detach().float()],
-                                       out / "samples" / f"train_{state.step:08d}.png")
-                _log_image(accelerator, "train/reconstruction", grid, state.step)
-            if is_main and len(val_images) and state.step % cfg.val_every == 0:
-                validate_now()
-            if cfg.max_minutes > 0:
-                over = torch.tensor(float(time.monotonic() - start > cfg.max_minutes * 60), device=accelerator.device)
-                stop = bool(accelerator.reduce(over, "max").item())  # every rank stops together
-            done = state.step >= cfg.max_steps or stop
-            if state.step % cfg.checkpoint_every == 0 and not done:
-                save_checkpoint()
-            if done:
-                break
+        if not accelerator.sync_gradients:
+            continue
+        if not math.isfinite(logs["loss"]):
+            raise FloatingPointError(f"non-finite loss at step {state.step}: {logs}")
+        if ema is not None:
+            ema.step(raw_vae.parameters())
+        state.step += 1
+        progress.update(1)
+        if state.step % cfg.log_every == 0 or state.step == 1:
+            logs["lr"] = opt_g.param_groups[0]["lr"]
+            accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=state.step)
+            progress.set_postfix(loss=f"{logs['loss']:.4g}", rec=f"{logs['rec']:.4f}")
+        if is_main and cfg.image_every and state.step % cfg.image_every == 0:
+            grid = make_grid_image([x[:4].detach(), recon[:4].detach().float()],
+                                   out / "samples" / f"train_{state.step:08d}.png")
+            _log_image(accelerator, "train/reconstruction", grid, state.step)
+        if is_main and len(val_images) and state.step % cfg.val_every == 0:
+            validate_now()
+        if cfg.max_minutes > 0:
+            over = torch.tensor(float(time.monotonic() - start > cfg.max_minutes * 60), device=accelerator.device)
+            stop = bool(accelerator.reduce(over, "max").item())  # every rank stops together
+        done = state.step >= cfg.max_steps or stop
+        if state.step % cfg.checkpoint_every == 0 and not done:
+            save_checkpoint()
+        if done:
+            break
 
     progress.close()
     final = ckpt_dir / ckpt.checkpoint_name(state.step)
