@@ -37,7 +37,7 @@ def write_skimage_photos(names: list[str], folder: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(REPO / "runs" / "demo"))
-    parser.add_argument("--steps", type=int, default=300, help="training steps (300: ~3 min on 2 cores)")
+    parser.add_argument("--steps", type=int, default=600, help="training steps (600: ~3 min on 2 cores)")
     args = parser.parse_args(argv)
 
     from codec import Codec
@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", [
         f"output_dir={out / 'run'}", f"data.train={train_dir}", f"data.val={eval_files[0].parent}",
-        f"max_steps={args.steps}", "checkpoint_every=100", "val_every=100", "image_every=100",
-        "data.val_crop=256", "data.val_images=2", "batch_size=4", "optim.warmup_steps=30",
+        f"max_steps={args.steps}", "checkpoint_every=200", "val_every=200", "image_every=200",
+        "data.val_crop=256", "data.val_images=2", "optim.warmup_steps=50",
     ])
     train(cfg)
 
@@ -67,12 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     originals = [center_crop_multiple(pil_to_tensor(load_image(p))[None])[..., :256, :256] for p in eval_files]
     x = torch.cat(originals)
     grid = make_grid_image([x, codec.reconstruct(x)], out / "reconstructions.png")
-    metrics = json.loads((out / "eval" / "metrics.json").read_text())["metrics"]
+    report = json.loads((out / "eval" / "metrics.json").read_text())
+    metrics = report["codecs"][report["primary"]]["metrics"]
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print("\n".join([
         "", "demo finished:",
         f"  codec (diffusers folder)   {export}",
         f"  reconstruction grid        {grid}   (top: originals, bottom: reconstructions)",
+        f"  evaluation report          {out / 'eval' / 'report.html'}   (vs JPEG / WebP at the same bpp)",
         f"  metrics                    {out / 'metrics.json'}   "
         + ", ".join(f"{k} {v['mean']:.3f}" for k, v in metrics.items()),
         f"  training run / tensorboard {out / 'run'}",
