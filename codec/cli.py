@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     from . import evaluate
 
     evaluate.register(sub, codec_args)
+    from . import compress
+    compress.register(sub, codec_args)
     return parser
 
 

@@ -99,6 +99,18 @@ def learning_rate(cfg: TrainConfig, step: int, base: float) -> float:
 
 def train(cfg: TrainConfig) -> Path:
     """Train according to ``cfg``; returns the exported codec folder (``output_dir/codec``)."""
+    try:
+        return _train(cfg)
+    finally:
+        # accelerate keeps its state in a process-wide singleton that refuses a second
+        # Accelerator with other settings (e.g. another mixed_precision); clear it so train()
+        # can run again in the same process (tests, notebooks, benchmarks).
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _train(cfg: TrainConfig) -> Path:
     validate(cfg)
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"

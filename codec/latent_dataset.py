@@ -1,0 +1,105 @@
+"""``LatentDataset``: random access to latents written by ``vae-codec compress``.
+
+Shards are opened with safetensors' ``safe_open`` (memory-mapped; a row read copies only that
+row), lazily and once per process, so the dataset works in a DataLoader with workers.
+
+Items::
+
+    {"latents": (C, h, w) float32,   # what a diffusion model trains on (see below)
+     "key": "relative/path.jpg",     # the input it came from
+     "original_size": (2,) int64,    # (h, w) of the source image
+     "crop_top_left": (2,) int64}    # (top, left) of the crop, in the resized image
+    # plus "mean" and "std" (C, h, w) when the job stored --store mean_std
+
+With ``--store mean`` / ``sample`` ``latents`` is the stored tensor. With ``mean_std`` it is a
+*fresh posterior sample* ``mean + std * N(0, I)`` drawn at every access (with torch's global
+RNG, which DataLoader seeds per worker and per epoch), so every epoch sees new samples; pass
+``sample=False`` to get the mean instead. All latents are already scaled
+(``(z - shift_factor) * scaling_factor``); ``dataset.scaling_factor`` / ``shift_factor`` are
+the codec's, for decoding.
+
+Native-size jobs mix latent shapes; batch them with :meth:`LatentDataset.indices_by_shape`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch.utils.data import Dataset
+
+from . import shards as sh
+
+
+class LatentDataset(Dataset):
+    def __init__(self, path: str | os.PathLike, sample: bool = True):
+        """``path``: a folder written by ``vae-codec compress``, or one shard file on its own."""
+        path = Path(path)
+        if path.is_file():
+            job, entry = sh.read_shard_entry(path)
+            self.root, self.shards = path.parent, [entry]
+        else:
+            manifest = sh.load_manifest(path)
+            job, self.root, self.shards = manifest, path, manifest["shards"]
+        self.job, self.sample = job, sample
+        self.scaling_factor = job["codec"]["scaling_factor"]
+        self.shift_factor = job["codec"]["shift_factor"]
+        self._starts = [0]
+        for s in self.shards:
+            self._starts.append(self._starts[-1] + s["rows"])
+        self._handles: dict[int, object] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __getstate__(self):
+        # Open file handles cannot cross into worker processes; each worker opens its own.
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+    def _open(self, s: int):
+        if self._pid != os.getpid():  # forked into a worker: do not share the parent's handles
+            self._handles, self._pid = {}, os.getpid()
+        if s not in self._handles:
+            self._handles[s] = safe_open(str(self.root / self.shards[s]["file"]), "pt")
+        return self._handles[s]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """Dataset index -> (shard number, row in that shard)."""
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} latents")
+        s = bisect.bisect_right(self._starts, index) - 1
+        return s, index - self._starts[s]
+
+    def __getitem__(self, index: int) -> dict:
+        s, row = self.locate(index)
+        shard, f = self.shards[s], self._open(s)
+        item = {
+            "key": shard["keys"][row],
+            "original_size": torch.tensor(shard["original_sizes"][row]),
+            "crop_top_left": torch.tensor(shard["crops_top_left"][row]),
+        }
+        if "latents" in shard["tensors"]:
+            item["latents"] = f.get_slice("latents")[row : row + 1][0].float()
+            return item
+        mean = f.get_slice("mean")[row : row + 1][0].float()
+        std = f.get_slice("std")[row : row + 1][0].float()
+        item.update(mean=mean, std=std)
+        item["latents"] = mean + std * torch.randn_like(mean) if self.sample else mean
+        return item
+
+    def indices_by_shape(self) -> dict[tuple[int, ...], list[int]]:
+        """Latent shape -> dataset indices, for batches of one shape (native-size jobs)."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for s, shard in enumerate(self.shards):
+            groups.setdefault(tuple(shard["latent_shape"]), []).extend(
+                range(self._starts[s], self._starts[s + 1])
+            )
+        return groups
