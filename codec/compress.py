@@ -35,11 +35,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .codec import DOWNSAMPLE, Codec
-from .images import IMAGE_EXTENSIONS, ImageLoadError, list_images, load_image, save_image, to_rgb
+from .images import IMAGE_EXTENSIONS, ImageLoadError, list_images, load_image, save_image
 from .models import load_autoencoder
 from . import shards as sh
 
@@ -108,20 +108,6 @@ def _sorted_unique(items) -> list[Input]:
     return items
 
 
-def load_image_bytes(data: bytes, name: str) -> Image.Image:
-    """:func:`codec.images.load_image` for bytes (a tar member): the same rules and errors."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.seek(0)
-            img = ImageOps.exif_transpose(img)
-            img.load()
-            return to_rgb(img)
-    except Image.DecompressionBombError as exc:
-        raise ImageLoadError(f"{name}: too large to decode safely ({exc})") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageLoadError(f"{name}: cannot read image ({type(exc).__name__}: {exc})") from exc
-
-
 def read_input(item: Input) -> Image.Image:
     if item.offset < 0:
         return load_image(item.path)
@@ -133,7 +119,7 @@ def read_input(item: Input) -> Image.Image:
         raise ImageLoadError(f"{item.key}: cannot read {item.path} ({exc})") from exc
     if len(data) != item.size:
         raise ImageLoadError(f"{item.key}: tar member cut short ({len(data)} of {item.size} bytes)")
-    return load_image_bytes(data, item.key)
+    return load_image(io.BytesIO(data), name=item.key)
 
 
 def fit(img: Image.Image, resolution: int | None) -> tuple[torch.Tensor, list[int], list[int]]:
@@ -609,8 +595,11 @@ def cmd_scale(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``python -m codec.compress ARGS`` == ``vae-codec compress ARGS``."""
     from .cli import main as cli_main
+    from .launch import relaunch_if_needed
 
-    return cli_main(["compress", *(sys.argv[1:] if argv is None else argv)])
+    argv = sys.argv[1:] if argv is None else argv
+    relaunched = relaunch_if_needed("codec.compress", argv)
+    return relaunched if relaunched is not None else cli_main(["compress", *argv])
 
 
 if __name__ == "__main__":

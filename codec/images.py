@@ -31,9 +31,14 @@ class ImageLoadError(ValueError):
     """A file that cannot be turned into an RGB image; the message says which file and why."""
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open ``path`` as an 8-bit RGB PIL image (see the module docstring for the rules)."""
-    path = Path(path)
+def load_image(path, name: str | None = None) -> Image.Image:
+    """Open ``path`` as an 8-bit RGB PIL image (see the module docstring for the rules).
+
+    ``path`` may also be a binary file object (e.g. a tar member); ``name`` then labels errors.
+    """
+    if isinstance(path, (str, os.PathLike)):
+        path = Path(path)
+    label = name or path
     try:
         with Image.open(path) as img:
             img.seek(0)  # animated GIF/WebP/PNG: the first frame
@@ -41,10 +46,10 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             img.load()  # force decoding now, inside the try: truncated files fail here
             return to_rgb(img)
     except Image.DecompressionBombError as exc:
-        raise ImageLoadError(f"{path}: too large to decode safely ({exc})") from exc
+        raise ImageLoadError(f"{label}: too large to decode safely ({exc})") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # PIL raises OSError/UnidentifiedImageError for truncated, empty and non-image files.
-        raise ImageLoadError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
+        raise ImageLoadError(f"{label}: cannot read image ({type(exc).__name__}: {exc})") from exc
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

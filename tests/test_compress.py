@@ -377,10 +377,11 @@ def test_sigkill_mid_job_then_rerun_completes(codec_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_accelerate_launch_two_processes(codec_dir, image_folder, tmp_path):
+@pytest.mark.parametrize("mode", ["--multi_gpu", "--cpu"])  # --cpu: our relaunch (codec/launch.py)
+def test_accelerate_launch_two_processes(codec_dir, image_folder, tmp_path, mode):
     out = tmp_path / "lat"
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        sys.executable, "-m", "accelerate.commands.launch", mode, "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "-m", "codec.compress", "--codec", str(codec_dir), "--input", str(image_folder),
         "--output", str(out), "--resolution", "16", "--shard-size", "3", "--num-workers", "0",
