@@ -63,8 +63,20 @@ def test_export_run_and_remeasure(tmp_path, image_folder):
 def test_eval_writes_metrics(tmp_path, image_folder):
     folder = make_codec(tmp_path)
     (image_folder / "broken.jpg").write_bytes(b"nope")
-    assert main(["eval", "--codec", str(folder), "--data", str(image_folder), "--out", str(tmp_path / "ev")]) == 0
-    report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    out = tmp_path / "ev"
+    # --codec repeats: the same folder twice is evaluated twice under distinct names
+    assert main(["eval", "--codec", str(folder), "--codec", str(folder), "--data", str(image_folder),
+                 "--out", str(out), "--limit", "4", "--no-classical"]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["images"] == 3 and len(report["skipped"]) == 1  # broken.jpg sorts first
+    assert list(report["codecs"]) == [str(folder), f"{folder} #2"]
+    first, second = report["codecs"].values()
+    assert set(first["metrics"]) == {"psnr", "ssim", "ms_ssim", "lpips_alex", "lpips_vgg"}
+    assert first["metrics"]["psnr"] == second["metrics"]["psnr"]  # deterministic
+    assert (out / "per_image.csv").read_text().count("\n") == 1 + 3 * 2
+    assert (out / "report.html").exists()
+    assert main(["eval", "--codec", str(folder), "--data", str(image_folder), "--out", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
     assert report["images"] == 12 and any("broken.jpg" in s for s in report["skipped"])
-    assert set(report["metrics"]) == {"psnr", "ssim", "lpips_alex"}
-    assert (tmp_path / "ev" / "per_image.csv").read_text().count("\n") == 13
+    assert list(report["codecs"]) == [str(folder), "jpeg", "webp"]
+    assert (out / "per_image.csv").read_text().count("\n") == 1 + 12 * 3

@@ -1,0 +1,172 @@
+"""Codecs evaluated side by side: ours, any diffusers autoencoder folder, JPEG and WebP.
+
+Every subject turns one image batch (1, 3, H, W) in [-1, 1] into a :class:`Reconstruction`:
+the decoded image, its size in bits per pixel, the time spent encoding and decoding, and for
+learned codecs the scaled latents (and the posterior, for KL autoencoders).
+
+* :class:`LearnedCodec` wraps a diffusers ``AutoencoderKL`` folder (through :class:`Codec`) or
+  an ``AutoencoderTiny`` folder (TAESD-style, deterministic, no posterior). Its rate is the
+  latents stored as fp16: ``channels * 16 / 8**2`` bits per pixel, 1.0 for kl-f8.
+* :class:`ClassicalCodec` is JPEG or WebP through Pillow, at the quality whose file is closest
+  in size to a target rate (the learned codec's), searched per image.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .codec import Codec, resolve_dtype
+from .images import tensor_to_uint8, uint8_to_tensor
+from .models import count_parameters
+
+LATENT_STORAGE_BITS = 16  # latents stored as fp16, the way latent datasets are usually kept
+CLASSICAL_FORMATS = {"jpeg": "JPEG", "webp": "WEBP"}  # our name -> Pillow format
+
+
+@dataclass
+class Reconstruction:
+    image: torch.Tensor  # (1, 3, H, W) float in about [-1, 1]
+    bpp: float
+    encode_s: float
+    decode_s: float
+    latents: torch.Tensor | None = None  # scaled, (1, C, H/8, W/8)
+    mean: torch.Tensor | None = None  # unscaled posterior, KL autoencoders only
+    logvar: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)  # e.g. the JPEG quality chosen
+
+
+def _sync(device: torch.device) -> None:
+    # CUDA kernels run asynchronously: without a sync the clock stops before the work does.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autoencoder_class(path: str | os.PathLike) -> str:
+    """The diffusers class named in a folder's config.json (a pipeline folder: its vae/)."""
+    folder = Path(path)
+    if not (folder / "config.json").exists() and (folder / "vae" / "config.json").exists():
+        folder = folder / "vae"
+    cfg = folder / "config.json"
+    if not cfg.exists():
+        raise FileNotFoundError(
+            f"{path}: no config.json; pass a diffusers AutoencoderKL or AutoencoderTiny folder "
+            "(or a pipeline folder with vae/)"
+        )
+    return json.loads(cfg.read_text()).get("_class_name", "AutoencoderKL")
+
+
+class LearnedCodec:
+    """A diffusers AutoencoderKL or AutoencoderTiny folder, timed and measured per image."""
+
+    learned = True
+
+    def __init__(self, path: str | os.PathLike, device=None, dtype: str = "fp32"):
+        self.path = str(path)
+        self.kind = autoencoder_class(path)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.kind == "AutoencoderKL":
+            self.codec = Codec.from_pretrained(path, device=self.device, dtype=dtype, batch_size=1)
+            self.vae = self.codec.vae
+            self.scaling_factor, self.shift_factor = self.codec.scaling_factor, self.codec.shift_factor
+        elif self.kind == "AutoencoderTiny":
+            from diffusers import AutoencoderTiny
+
+            folder = Path(path) / "vae" if (Path(path) / "vae" / "config.json").exists() else Path(path)
+            self.codec = None
+            self.dtype = resolve_dtype(dtype)
+            self.vae = AutoencoderTiny.from_pretrained(str(folder)).to(self.device, self.dtype).eval()
+            self.scaling_factor = float(self.vae.config.scaling_factor)
+            self.shift_factor = float(self.vae.config.shift_factor or 0.0)
+        else:
+            raise ValueError(
+                f"{path}: {self.kind} is not supported; choose an AutoencoderKL or AutoencoderTiny folder"
+            )
+        self.parameters = count_parameters(self.vae)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> Reconstruction:
+        h, w = x.shape[-2:]
+        mean = logvar = None
+        _sync(self.device)
+        t0 = time.perf_counter()
+        if self.codec is not None:
+            mean, logvar = self.codec.posterior(x)
+            latents = (mean - self.shift_factor) * self.scaling_factor
+        else:
+            z = self.vae.encode(x.to(self.device, self.dtype)).latents.float().cpu()
+            latents = (z - self.shift_factor) * self.scaling_factor
+        _sync(self.device)
+        t1 = time.perf_counter()
+        if self.codec is not None:
+            y = self.codec.decode(latents, size=(h, w))
+        else:
+            z = (latents / self.scaling_factor + self.shift_factor).to(self.device, self.dtype)
+            y = self.vae.decode(z).sample.float().cpu()
+        _sync(self.device)
+        t2 = time.perf_counter()
+        bpp = latents.numel() / x.shape[0] * LATENT_STORAGE_BITS / (h * w)
+        return Reconstruction(y, bpp, t1 - t0, t2 - t1, latents, mean, logvar)
+
+
+def compress(arr: np.ndarray, fmt: str, quality: int) -> bytes:
+    """(H, W, 3) uint8 -> the bytes of a JPEG or WebP file at a Pillow quality (1..100)."""
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=CLASSICAL_FORMATS[fmt], quality=quality)
+    return buf.getvalue()
+
+
+def closest_quality(arr: np.ndarray, fmt: str, target_bytes: float) -> tuple[int, bytes]:
+    """The quality (1..100) whose file size is closest to ``target_bytes``, and that file.
+
+    File size grows with quality almost monotonically, so a binary search finds the crossing
+    in ~7 encodes; the neighbours of the crossing are then compared exactly.
+    """
+    lo, hi = 1, 100
+    while lo < hi:  # smallest quality whose file is >= target
+        mid = (lo + hi) // 2
+        if len(compress(arr, fmt, mid)) < target_bytes:
+            lo = mid + 1
+        else:
+            hi = mid
+    candidates = {q: compress(arr, fmt, q) for q in (lo - 1, lo, lo + 1) if 1 <= q <= 100}
+    best = min(candidates, key=lambda q: (abs(len(candidates[q]) - target_bytes), q))
+    return best, candidates[best]
+
+
+class ClassicalCodec:
+    """JPEG or WebP (Pillow) at the file size closest to ``target_bpp`` bits per pixel."""
+
+    learned = False
+    parameters = None
+
+    def __init__(self, fmt: str, target_bpp: float):
+        if fmt not in CLASSICAL_FORMATS:
+            raise ValueError(f"unknown classical codec {fmt!r}; choose from {sorted(CLASSICAL_FORMATS)}")
+        self.kind, self.path, self.target_bpp = fmt, f"Pillow {CLASSICAL_FORMATS[fmt]}", target_bpp
+        self.device = torch.device("cpu")
+
+    def __call__(self, x: torch.Tensor) -> Reconstruction:
+        if x.shape[0] != 1:
+            raise ValueError(f"classical codecs take one image at a time, got a batch of {x.shape[0]}")
+        arr = tensor_to_uint8(x)[0]
+        h, w = arr.shape[:2]
+        quality, data = closest_quality(arr, self.kind, self.target_bpp * h * w / 8)
+        # Time the chosen setting alone: the quality search is the evaluation's cost, not the codec's.
+        t0 = time.perf_counter()
+        data = compress(arr, self.kind, quality)
+        t1 = time.perf_counter()
+        with Image.open(io.BytesIO(data)) as img:
+            decoded = np.asarray(img.convert("RGB"))
+        t2 = time.perf_counter()
+        y = uint8_to_tensor(decoded)[None]
+        return Reconstruction(y, len(data) * 8 / (h * w), t1 - t0, t2 - t1,
+                              extra={"quality": quality})

@@ -1,0 +1,145 @@
+"""vae-codec eval: references (JPEG/WebP rate matching, AutoencoderTiny), pictures, cost, and
+the whole report (metrics.json, per_image.csv, report.html rendered in headless Chromium)."""
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderTiny
+from PIL import Image
+
+from codec import Codec
+from codec.cost import PeakMemory
+from codec.evaluate import evaluate
+from codec.models import build_autoencoder
+from codec.pictures import error_heatmap, worst_window
+from codec.references import ClassicalCodec, closest_quality, compress
+from codec.images import uint8_to_tensor
+
+from conftest import shared, smooth_image
+
+METRICS = {"psnr", "ssim", "ms_ssim", "lpips_alex", "lpips_vgg"}
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """One evaluation, shared by the tests below: our test codec + an AutoencoderTiny + JPEG/WebP
+    on three small generated images (MS-SSIM on large ones is tested in test_metrics.py)."""
+    root = tmp_path_factory.mktemp("eval")
+    torch.manual_seed(0)
+    kl = Codec(build_autoencoder("test"), device="cpu").save_pretrained(root / "kl")
+    tiny = AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                           num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1))
+    tiny.save_pretrained(root / "taesd")
+    data = root / "images"
+    data.mkdir()
+    for i in range(3):
+        Image.fromarray(smooth_image(i, 48 + 4 * i, 64)).save(data / f"img{i}.png")  # 52: cropped to 48
+    (data / "broken.png").write_bytes(b"not an image")
+    out = root / "out"
+    report = evaluate([str(kl), str(root / "taesd")], str(data), str(out), device="cpu", worst=2, crop_size=32)
+    return report, out, root
+
+
+def test_metrics_json_per_codec(evaluated):
+    report, out, root = evaluated
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["images"] == 3 and any("broken.png" in s for s in saved["skipped"])
+    assert list(saved["codecs"]) == [str(root / "kl"), str(root / "taesd"), "jpeg", "webp"]
+    for name, r in saved["codecs"].items():
+        assert set(r["metrics"]) == METRICS
+        assert all({"mean", "std"} <= set(v) for v in r["metrics"].values())
+        assert r["metrics"]["ms_ssim"]["n"] == 0  # too small for five scales: left out, no crash
+        assert 0 < r["metrics"]["psnr"]["mean"] < 100
+    assert saved["codecs"][str(root / "kl")]["bpp"]["mean"] == pytest.approx(1.0)  # 4 ch * 16 bit / 64
+    assert saved["codecs"][str(root / "taesd")]["kind"] == "AutoencoderTiny"
+    assert any(n.startswith("rFID") for n in saved["notices"]) or saved["codecs"]["jpeg"]["rfid"] is not None
+    assert any("1 image(s) centre-cropped" in n for n in saved["notices"])
+    assert any("MS-SSIM left out for 3" in n for n in saved["notices"])
+
+
+def test_latents_and_cost(evaluated):
+    report, _, root = evaluated
+    kl, tiny = report["codecs"][str(root / "kl")], report["codecs"][str(root / "taesd")]
+    assert len(kl["latents"]["channel_std"]) == 4 and kl["latents"]["kl_per_element"] > 0
+    assert tiny["latents"]["kl_per_element"] is None  # deterministic: no posterior, no KL
+    assert report["codecs"]["jpeg"]["latents"] is None
+    assert kl["cost"]["parameters"] == sum(p.numel() for p in build_autoencoder("test").parameters())
+    assert kl["cost"]["timed_images"] == 2  # the first image is a warm-up
+    assert kl["cost"]["encode_images_per_s"] > 0 and kl["cost"]["peak_memory_mib"] >= 0
+
+
+def test_per_image_csv_and_pictures(evaluated):
+    _, out, _ = evaluated
+    rows = list(csv.DictReader(open(out / "per_image.csv")))
+    assert len(rows) == 3 * 4
+    assert {r["codec"] for r in rows if r["quality"]} == {"jpeg", "webp"}
+    assert sum(r["ms_ssim"] == "" for r in rows) == 3 * 4  # NaN written as an empty cell
+    assert Image.open(out / "comparison.png").height > 2 * 64  # two worst images, crops shown 2x
+    assert (out / "latents_0.png").exists() and (out / "latents_1.png").exists()
+
+
+def test_report_html_is_self_contained(evaluated):
+    _, out, _ = evaluated
+    html = (out / "report.html").read_text()
+    sources = re.findall(r"src='([^']*)'", html)
+    assert len(sources) >= 2 + 2 * (1 + 2 * 4) and all(s.startswith("data:image/") for s in sources)
+    assert "Worst 2 images" in html and "rFID" in html and "LPIPS VGG" in html
+
+
+def test_report_renders_in_headless_chromium(evaluated, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install chromium)")
+    _, out, _ = evaluated
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run",
+         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,900",
+         (out / "report.html").as_uri()],
+        check=True, capture_output=True, timeout=120,
+    )
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert pixels.shape == (900, 1200) and pixels.std() > 20  # text, tables and pictures, not blank
+
+
+def test_closest_quality_matches_brute_force():
+    arr = smooth_image(3, 96, 128)
+    target = 0.8 * 96 * 128 / 8
+    q, data = closest_quality(arr, "webp", target)
+    sizes = {k: len(compress(arr, "webp", k)) for k in range(1, 101)}
+    assert abs(len(data) - target) <= min(abs(s - target) for s in sizes.values()) * 1.05 + 16
+    assert len(data) == sizes[q]
+
+
+def test_classical_codec_hits_the_rate_on_a_real_photo():
+    photo = np.asarray(Image.open(shared("kodak", "kodim23.png")).convert("RGB"))[:256, :256]
+    x = uint8_to_tensor(photo)[None]
+    for fmt in ("jpeg", "webp"):
+        rec = ClassicalCodec(fmt, 1.0)(x)
+        assert rec.bpp == pytest.approx(1.0, rel=0.15) and rec.image.shape == x.shape
+        assert 1 <= rec.extra["quality"] <= 100
+
+
+def test_heatmap_and_worst_window():
+    x = smooth_image(0, 64, 64)
+    y = x.copy()
+    assert error_heatmap(x, y).max() <= 4  # no error: (almost) black
+    y[40:56, 8:24] = 255 - y[40:56, 8:24]
+    top, left, size = worst_window(x, y, 16)
+    assert (top, left, size) == (40, 8, 16)
+    assert worst_window(x, y, 500)[2] == 64  # a crop larger than the image: the whole image
+
+
+def test_peak_memory_sees_a_large_allocation():
+    tracker = PeakMemory(torch.device("cpu"))
+    with tracker:
+        big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del big
+    assert tracker.peak_bytes >= 48 * 2**20, tracker.method
