@@ -96,3 +96,15 @@ def test_learned_logvar_accumulation_and_bf16_autocast(tmp_path, image_folder):
     assert state["value"].item() != 0.0  # logvar moved from its initial 0
     train_state = torch.load(out / "checkpoints" / "step_00000003" / "custom_checkpoint_0.pkl", weights_only=True)
     assert train_state["step"] == 3
+
+
+def test_unusable_validation_files_are_reported(tmp_path, image_folder, capsys):
+    val = tmp_path / "val"
+    val.mkdir()
+    (val / "broken.png").write_bytes(b"not an image")
+    (image_folder / "img01.jpg").rename(val / "good.jpg")
+    out = tmp_path / "run"
+    assert main(args(out, image_folder, "max_steps=1", "loss.perceptual_weight=0", f"data.val={val}",
+                     "data.val_crop=32", "loss.disc_weight=0")) == 0
+    printed = capsys.readouterr().out
+    assert "validation skipped:" in printed and "broken.png" in printed

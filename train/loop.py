@@ -210,11 +210,14 @@ def _train(cfg: TrainConfig) -> Path:
             f"parameters ({sum(p.numel() for p in trainable) / 1e6:.2f} M trained), "
             f"{len(dataset)} images, {accelerator.num_processes} process(es), output {out}"
         )
-    val_images, _ = (
+    val_images, val_used = (
         load_validation_images(gather_files(cfg.data.val), cfg.data.val_images, cfg.data.val_crop)
         if cfg.data.val and is_main
         else ([], [])
     )
+    for entry in val_used:
+        if entry.startswith("skipped: "):  # unusable validation file: say so, never drop it silently
+            print(f"validation {entry}")
     lpips_metric = LPIPSMetric("alex", accelerator.device) if len(val_images) else None
     scale_images: list[torch.Tensor] = []  # filled on first export: fixed crops, main process only
 
