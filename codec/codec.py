@@ -108,6 +108,8 @@ class Codec:
     def _prepare(self, images, pad: bool) -> tuple[torch.Tensor, tuple[int, int]]:
         x = to_batch(images)
         h, w = x.shape[-2:]
+        if hasattr(self.vae, "fit_images"):  # fixed-size models (MLPVAE) check and convert themselves
+            return self.vae.fit_images(x), (h, w)
         if h % DOWNSAMPLE or w % DOWNSAMPLE:
             if not pad:
                 raise ValueError(
@@ -124,7 +126,7 @@ class Codec:
     def _batches(self, x: torch.Tensor):
         for start in range(0, x.shape[0], self.batch_size):
             chunk = x[start : start + self.batch_size].to(self.device, self.dtype)
-            if self.device.type == "cuda":
+            if self.device.type == "cuda" and chunk.ndim == 4:
                 chunk = chunk.contiguous(memory_format=torch.channels_last)
             yield chunk
 
@@ -168,15 +170,13 @@ class Codec:
         the decoder outputs it), "pil" a list of PIL images. ``size=(H, W)`` crops the output
         back to an original size after ``encode(..., pad=True)``.
         """
-        if latents.ndim == 3:
+        self._check_latents_shape(latents)
+        if latents.ndim in (1, 3):
             latents = latents[None]
-        channels = self.vae.config.latent_channels
-        if latents.ndim != 4 or latents.shape[1] != channels:
-            raise ValueError(
-                f"latents must be (B, {channels}, h, w), got {tuple(latents.shape)}"
-            )
         z = latents.float() / self.scaling_factor + self.shift_factor
         out = torch.cat([self.vae.decode(c).sample.float().cpu() for c in self._batches(z)])
+        if out.shape[1] == 1:
+            out = out.expand(-1, 3, -1, -1)  # greyscale models (MLPVAE on MNIST) decode to RGB images
         if size is not None:
             h, w = size
             if h > out.shape[-2] or w > out.shape[-1]:
@@ -187,6 +187,19 @@ class Codec:
         if output_type == "pil":
             return tensor_to_pil(out)
         raise ValueError(f"unknown output_type {output_type!r}; choose from ['pil', 'pt']")
+
+    def _check_latents_shape(self, latents: torch.Tensor) -> None:
+        """kl-f8: (B, C, h, w) for any h, w; models with flat latents (MLPVAE): (B, D)."""
+        if hasattr(self.vae, "latent_shape"):
+            shape = tuple(self.vae.latent_shape())
+            ok = tuple(latents.shape[-len(shape):]) == shape and latents.ndim in (len(shape), len(shape) + 1)
+            expected = f"(B, {', '.join(map(str, shape))})"
+        else:
+            channels = self.vae.config.latent_channels
+            ok = latents.ndim in (3, 4) and latents.shape[-3] == channels
+            expected = f"(B, {channels}, h, w)"
+        if not ok:
+            raise ValueError(f"latents must be {expected}, got {tuple(latents.shape)}")
 
     def reconstruct(self, images, pad: bool = False) -> torch.Tensor:
         """Encode then decode (posterior mean), cropped back to the input size."""

@@ -7,6 +7,7 @@ All presets are "kl-f8": three 2x downsamplings (8x) to 4 latent channels.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -74,6 +75,7 @@ def load_autoencoder(path: str | os.PathLike, subfolder: str | None = None) -> A
     """Load a diffusers ``AutoencoderKL`` folder (local path or hub id) for fine-tuning or use.
 
     A Stable Diffusion pipeline folder works too: its VAE is found in the ``vae`` subfolder.
+    A folder whose config names ``MLPVAE`` (the vanilla VAE baseline) loads as that class.
     """
     local = Path(path)
     if local.exists():
@@ -85,6 +87,10 @@ def load_autoencoder(path: str | os.PathLike, subfolder: str | None = None) -> A
                 f"{local}: no config.json here; pass a diffusers AutoencoderKL folder "
                 "(config.json + diffusion_pytorch_model.safetensors) or a pipeline folder with vae/"
             )
+        if json.loads(cfg.read_text()).get("_class_name") == "MLPVAE":
+            from .mlp_vae import MLPVAE
+
+            return MLPVAE.from_pretrained(str(path), subfolder=subfolder)
     return AutoencoderKL.from_pretrained(str(path), subfolder=subfolder)
 
 

@@ -19,10 +19,32 @@ import yaml
 
 @dataclass
 class ModelConfig:
+    kind: str = "kl-f8"  # "kl-f8" (AutoencoderKL) or "mlp-vae" (the vanilla VAE baseline, section mlp)
     preset: str = "tiny"  # see codec.models.PRESETS
     init_from: str | None = None  # a diffusers AutoencoderKL folder to fine-tune instead
     train_decoder_only: bool = False  # freeze the encoder (the sd-vae-ft-mse recipe)
     gradient_checkpointing: bool = False
+
+
+@dataclass
+class MLPConfig:
+    """The vanilla VAE baseline (``model.kind: mlp-vae``, codec.mlp_vae.MLPVAE) and its ELBO."""
+
+    image_size: int = 28  # square images; image folders are cropped to it at random, like kl-f8
+    in_channels: int = 1  # 1 = greyscale, 3 = RGB
+    hidden_sizes: list[int] = field(default_factory=lambda: [200, 200])
+    latent_size: int = 50
+    likelihood: str = "bernoulli"  # "bernoulli" (targets in [0, 1]) or "gaussian"
+    activation: str = "tanh"
+    conditional: bool = False  # a conditional VAE: labels (from .npz / idx data) to encoder and decoder
+    num_classes: int = 10  # used when conditional
+    binarize: bool = True  # stochastic binarisation of every training image (MNIST practice)
+    beta: float = 1.0  # KL weight (beta-VAE)
+    kl_anneal: str = "none"  # "none", "linear" or "cyclical"
+    kl_anneal_steps: int = 10000  # linear: steps from 0 to beta; cyclical: steps the cycles span
+    kl_anneal_cycles: int = 4
+    kl_anneal_ratio: float = 0.5  # cyclical: fraction of each cycle spent rising
+    free_bits: float = 0.0  # nats per latent dimension (batch mean) below which KL is not pushed
 
 
 @dataclass
@@ -69,6 +91,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    mlp: MLPConfig = field(default_factory=MLPConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -189,6 +212,9 @@ def validate(cfg: TrainConfig) -> None:
         "data.small_images": (cfg.data.small_images, ("skip", "upscale")),
         "optim.schedule": (cfg.optim.schedule, ("constant", "cosine")),
         "mixed_precision": (cfg.mixed_precision, ("auto", "bf16", "fp16", "no")),
+        "model.kind": (cfg.model.kind, ("kl-f8", "mlp-vae")),
+        "mlp.likelihood": (cfg.mlp.likelihood, ("bernoulli", "gaussian")),
+        "mlp.kl_anneal": (cfg.mlp.kl_anneal, ("cyclical", "linear", "none")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

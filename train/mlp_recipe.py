@@ -1,0 +1,122 @@
+"""The pieces ``train.loop`` swaps in for ``model.kind: mlp-vae``: model, data and the ELBO.
+
+The loop itself (accelerate, checkpoints, resume, EMA, export) is the kl-f8 one; only what
+differs lives here:
+
+* ``build_mlp_vae``: an ``MLPVAE`` from the ``mlp`` config section;
+* ``ArrayDataset``: MNIST-like arrays (.npz, idx folders, torchvision) indexed by
+  ``(index, epoch)`` like ``CropDataset``, with stochastic binarisation drawn from
+  ``(seed, epoch, index)`` so a resumed run sees the same bits; image folders use
+  ``CropDataset`` at ``mlp.image_size`` (the same random crops kl-f8 trains on);
+* ``ELBOWrapper`` / ``ELBOLoss``: one forward through DDP returning the decoder's parameters and
+  the posterior, and the negative ELBO with beta, KL annealing and free bits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from codec.array_data import is_array_source, load_split, to_tensor
+from codec.elbo import kl_weight, training_loss
+from codec.mlp_vae import MLPVAE
+
+from .config import TrainConfig
+from .data import CropDataset, gather_files
+
+
+def build_mlp_vae(cfg: TrainConfig) -> MLPVAE:
+    m = cfg.mlp
+    if cfg.model.init_from:
+        return MLPVAE.from_pretrained(cfg.model.init_from)
+    return MLPVAE(
+        image_size=m.image_size, in_channels=m.in_channels, hidden_sizes=tuple(m.hidden_sizes),
+        latent_size=m.latent_size, likelihood=m.likelihood, activation=m.activation,
+        num_classes=m.num_classes if m.conditional else 0,
+    )
+
+
+class ArrayDataset(Dataset):
+    """uint8 (N, H, W) images + labels as items ``{"pixels", "label", "path", "skipped"}``."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, binarize: bool, seed: int, name: str):
+        self.images, self.labels = to_tensor(images), torch.from_numpy(labels)
+        self.binarize, self.seed, self.name = binarize, seed, name
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, key) -> dict:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        x = self.images[index]
+        if self.binarize:
+            g = torch.Generator().manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF)
+            x = torch.bernoulli((x + 1) / 2, generator=g) * 2 - 1
+        return {"pixels": x, "label": int(self.labels[index]), "path": f"{self.name}[{index}]", "skipped": []}
+
+
+def build_dataset(cfg: TrainConfig) -> Dataset:
+    sources = cfg.data.train
+    arrays = [s for s in sources if is_array_source(s)]
+    if arrays:
+        if len(arrays) != len(sources) or len(arrays) > 1:
+            raise ValueError(f"data.train: give one array source (.npz, idx folder, torchvision:NAME), got {sources}")
+        x, y = load_split(arrays[0], "train")
+        if x.shape[1:] != (cfg.mlp.image_size, cfg.mlp.image_size) or cfg.mlp.in_channels != 1:
+            raise ValueError(
+                f"{arrays[0]}: images are {x.shape[1]}x{x.shape[2]} greyscale; set mlp.image_size="
+                f"{x.shape[1]} and mlp.in_channels=1"
+            )
+        return ArrayDataset(x, y, cfg.mlp.binarize, cfg.seed, str(arrays[0]))
+    if cfg.mlp.conditional:
+        raise ValueError("mlp.conditional needs labelled data (.npz, idx folder or torchvision:NAME)")
+    if cfg.mlp.binarize and cfg.mlp.likelihood == "bernoulli" and cfg.mlp.in_channels == 3:
+        raise ValueError("mlp.binarize on colour photos is almost surely a mistake; set mlp.binarize=false")
+    return CropDataset(gather_files(sources), cfg.mlp.image_size, cfg.data.small_images,
+                       cfg.data.random_flip, cfg.seed)
+
+
+def collate(items: list[dict]) -> dict:
+    batch = {
+        "pixels": torch.stack([it["pixels"] for it in items]),
+        "paths": [it["path"] for it in items],
+        "skipped": [s for it in items for s in it["skipped"]],
+    }
+    if "label" in items[0]:
+        batch["labels"] = torch.tensor([it["label"] for it in items])
+    return batch
+
+
+def fit_channels(x: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """Photos load as RGB; a greyscale model reads their mean."""
+    return x.mean(1, keepdim=True) if in_channels == 1 and x.shape[1] == 3 else x
+
+
+class ELBOWrapper(nn.Module):
+    """One forward call through DDP: ``(decoder parameters, posterior)`` of a sampled z."""
+
+    def __init__(self, vae: MLPVAE):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, labels=None):
+        posterior = self.vae.encode(x, labels).latent_dist
+        return self.vae.decoder_params(posterior.sample(), labels), posterior
+
+
+class ELBOLoss:
+    """Negative ELBO per example, averaged: rec + w(step) * KL (beta, annealing, free bits)."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.m = cfg.mlp
+
+    def __call__(self, vae: MLPVAE, x: torch.Tensor, params: torch.Tensor, posterior, step: int):
+        t = ((x.flatten(1) + 1) / 2).clamp(0, 1)
+        rec = -vae.log_likelihood(params.float(), t)
+        kl_per_dim = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).float()
+        terms = {"rec": rec, "kl": kl_per_dim.sum(1), "kl_per_dim": kl_per_dim}
+        m = self.m
+        w = kl_weight(step, m.beta, m.kl_anneal, m.kl_anneal_steps, m.kl_anneal_cycles, m.kl_anneal_ratio)
+        return training_loss(terms, w, m.free_bits)
