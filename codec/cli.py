@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.register(sub, codec_args)
     from . import compress
     compress.register(sub, codec_args)
+    from . import generate
+    generate.register(sub, codec_args)
     return parser
 
 
