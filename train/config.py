@@ -228,5 +228,16 @@ def validate(cfg: TrainConfig) -> None:
     for key in ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "keep_checkpoints"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.model.kind == "mlp-vae":
+        # The ELBO (section mlp) replaces the kl-f8 loss; its options must be off, not ignored.
+        unsupported = {"loss.disc_weight": cfg.loss.disc_weight > 0, "loss.learn_logvar": cfg.loss.learn_logvar,
+                       "loss.perceptual_weight": cfg.loss.perceptual_weight > 0,
+                       "model.train_decoder_only": cfg.model.train_decoder_only,
+                       "model.gradient_checkpointing": cfg.model.gradient_checkpointing}
+        bad = [k for k, on in unsupported.items() if on]
+        if bad:
+            raise ValueError(f"model.kind mlp-vae: {bad} apply to kl-f8 only; unset them")
+        if cfg.mlp.latent_size < 1 or cfg.mlp.image_size < 1 or cfg.mlp.in_channels not in (1, 3):
+            raise ValueError("mlp.latent_size and mlp.image_size must be >= 1, mlp.in_channels 1 or 3")
     if len(cfg.optim.betas) != 2:
         raise ValueError(f"optim.betas must have two values, got {cfg.optim.betas}")

@@ -31,6 +31,7 @@ from codec.metrics import LPIPSMetric, evaluate_pairs, summarize
 from codec.models import build_autoencoder, count_parameters, load_autoencoder
 
 from . import checkpoints as ckpt
+from . import mlp_recipe
 from .config import TrainConfig, save_config, to_dict, validate
 from .data import CropDataset, EpochSampler, collate, gather_files, load_validation_images
 from .discriminator import PatchDiscriminator
@@ -70,6 +71,8 @@ class TrainState:
 
 
 def build_vae(cfg: TrainConfig) -> AutoencoderKL:
+    if cfg.model.kind == "mlp-vae":
+        return mlp_recipe.build_mlp_vae(cfg)
     if cfg.model.init_from:
         return load_autoencoder(cfg.model.init_from)
     return build_autoencoder(cfg.model.preset)
@@ -142,9 +145,12 @@ def _train(cfg: TrainConfig) -> Path:
     if cfg.model.train_decoder_only:
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
-    model = Autoencoder(vae)
-    lpips_model = load_lpips(cfg.loss.perceptual_net) if cfg.loss.perceptual_weight > 0 else None
+    # model.kind picks the network and its loss; everything else below is shared.
+    mlp = cfg.model.kind == "mlp-vae"
+    model = mlp_recipe.ELBOWrapper(vae) if mlp else Autoencoder(vae)
+    lpips_model = load_lpips(cfg.loss.perceptual_net) if cfg.loss.perceptual_weight > 0 and not mlp else None
     gen_loss = GeneratorLoss(cfg.loss, lpips_model)
+    elbo_loss = mlp_recipe.ELBOLoss(cfg) if mlp else None
     disc = (
         PatchDiscriminator(channels=cfg.loss.disc_channels, layers=cfg.loss.disc_layers)
         if cfg.loss.disc_weight > 0
@@ -166,8 +172,12 @@ def _train(cfg: TrainConfig) -> Path:
     )
 
     # ---------------------------------------------------------------- data
-    files = gather_files(cfg.data.train)
-    dataset = CropDataset(files, cfg.data.crop_size, cfg.data.small_images, cfg.data.random_flip, cfg.seed)
+    if mlp:
+        dataset, collate_fn = mlp_recipe.build_dataset(cfg), mlp_recipe.collate
+    else:
+        files = gather_files(cfg.data.train)
+        dataset = CropDataset(files, cfg.data.crop_size, cfg.data.small_images, cfg.data.random_flip, cfg.seed)
+        collate_fn = collate
     per_rank = len(dataset) // accelerator.num_processes
     batches_per_epoch = per_rank // cfg.batch_size
     if batches_per_epoch < 1:
@@ -187,7 +197,7 @@ def _train(cfg: TrainConfig) -> Path:
     gen_loss.to(accelerator.device)
     raw_vae = accelerator.unwrap_model(model).vae  # for EMA, export and the last layer only
     raw_disc = accelerator.unwrap_model(disc) if disc is not None else None
-    last_layer = raw_vae.decoder.conv_out.weight
+    last_layer = raw_vae.decoder.conv_out.weight if disc is not None else None
     ema = EMAModel(raw_vae.parameters(), decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
     if ema is not None:
         ema.to(accelerator.device)
@@ -206,7 +216,7 @@ def _train(cfg: TrainConfig) -> Path:
         save_config(cfg, out / "config.yaml")
         accelerator.init_trackers("tensorboard", config=_flat_scalars(to_dict(cfg)))
         print(
-            f"training {cfg.model.init_from or cfg.model.preset}: {count_parameters(raw_vae) / 1e6:.2f} M "
+            f"training {cfg.model.init_from or (cfg.model.kind if mlp else cfg.model.preset)}: {count_parameters(raw_vae) / 1e6:.2f} M "
             f"parameters ({sum(p.numel() for p in trainable) / 1e6:.2f} M trained), "
             f"{len(dataset)} images, {accelerator.num_processes} process(es), output {out}"
         )
@@ -240,7 +250,7 @@ def _train(cfg: TrainConfig) -> Path:
         # The copy's random initialisation must not advance the training RNG: a run that
         # exports at step N would otherwise diverge from one resumed at step N.
         with torch.random.fork_rng(devices=[]):
-            copy = AutoencoderKL.from_config(raw_vae.config)
+            copy = type(raw_vae).from_config(raw_vae.config)
         if ema is not None:
             ema.store(raw_vae.parameters())
             ema.copy_to(raw_vae.parameters())
@@ -252,7 +262,7 @@ def _train(cfg: TrainConfig) -> Path:
     def export_codec(folder: Path) -> None:
         if not scale_images:
             count = min(cfg.scale_samples, len(dataset))
-            scale_images.extend(dataset[(i, SCALE_EPOCH)]["pixels"] for i in range(count))
+            scale_images.extend(_rgb(dataset[(i, SCALE_EPOCH)]["pixels"]) for i in range(count))
         codec = eval_codec()
         gen = torch.Generator().manual_seed(cfg.seed)
         factors = codec.measure_factors(torch.stack(scale_images).split(cfg.batch_size), generator=gen)
@@ -286,7 +296,7 @@ def _train(cfg: TrainConfig) -> Path:
     remaining = (cfg.max_steps - state.step) * cfg.grad_accum * cfg.batch_size
     sampler.set_position(epoch, skip * cfg.batch_size, max(remaining, 0))
     loader = DataLoader(
-        dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
+        dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_fn,
         num_workers=cfg.data.num_workers, drop_last=True,
         pin_memory=accelerator.device.type == "cuda",
         # Its own generator: creating an iterator draws a worker seed, which must not come
@@ -297,16 +307,23 @@ def _train(cfg: TrainConfig) -> Path:
     for batch in loader:
         _record_skipped(state, batch["skipped"], is_main)
         x = batch["pixels"].to(accelerator.device, non_blocking=True)
-        if accelerator.device.type == "cuda":
+        if mlp:
+            x = mlp_recipe.fit_channels(x, cfg.mlp.in_channels)
+        elif accelerator.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with accelerator.accumulate(model, *([disc] if disc is not None else [])):
             # -- generator phase
             with accelerator.autocast():
-                recon, posterior = model(x)
-                # The discriminator judges x̂ here with its own weights frozen: its plain
-                # module is used because no discriminator gradient may be produced now.
-                with _frozen(raw_disc):
-                    loss, logs = gen_loss(x, recon, posterior, state.step, raw_disc, last_layer)
+                if mlp:
+                    labels = batch["labels"].to(accelerator.device) if cfg.mlp.conditional else None
+                    recon, posterior = model(x, labels)  # recon: the decoder's parameters
+                    loss, logs = elbo_loss(raw_vae, x, recon, posterior, state.step)
+                else:
+                    recon, posterior = model(x)
+                    # The discriminator judges x̂ here with its own weights frozen: its plain
+                    # module is used because no discriminator gradient may be produced now.
+                    with _frozen(raw_disc):
+                        loss, logs = gen_loss(x, recon, posterior, state.step, raw_disc, last_layer)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 if cfg.loss.learn_logvar and accelerator.num_processes > 1:
@@ -344,7 +361,8 @@ def _train(cfg: TrainConfig) -> Path:
             accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=state.step)
             progress.set_postfix(loss=f"{logs['loss']:.4g}", rec=f"{logs['rec']:.4f}")
         if is_main and cfg.image_every and state.step % cfg.image_every == 0:
-            grid = make_grid_image([x[:4].detach(), recon[:4].detach().float()],
+            shown = raw_vae.mean_image(recon[:4].detach().float()).mul(2).sub(1).view_as(x[:4]) if mlp else recon[:4]
+            grid = make_grid_image([x[:4].detach(), shown.detach().float()],
                                    out / "samples" / f"train_{state.step:08d}.png")
             _log_image(accelerator, "train/reconstruction", grid, state.step)
         if is_main and len(val_images) and state.step % cfg.val_every == 0:
@@ -380,6 +398,11 @@ def _train(cfg: TrainConfig) -> Path:
 
 
 # ------------------------------------------------------------------------- small helpers
+def _rgb(image: torch.Tensor) -> torch.Tensor:
+    """Greyscale items (MNIST for the MLP VAE) as the RGB images Codec takes (equal channels)."""
+    return image.expand(3, -1, -1) if image.shape[0] == 1 else image
+
+
 def _clip(accelerator: Accelerator, params: list, max_norm: float) -> float:
     """Clip when ``max_norm`` > 0; returns the gradient norm before clipping (for the logs)."""
     if max_norm > 0:
