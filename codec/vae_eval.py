@@ -85,7 +85,7 @@ def evaluate_vae(codec: str, data: str, out: str, nll_samples: int = 5000, limit
     out_dir.mkdir(parents=True, exist_ok=True)
 
     dims = model.num_pixels
-    rec = kl = ll = 0.0
+    rec = kl = 0.0
     start = time.monotonic()
     per_image_ll = []
     for s in tqdm(range(0, x.shape[0], batch_size), desc=f"eval (k={nll_samples})", unit="batch"):

@@ -265,7 +265,11 @@ def _train(cfg: TrainConfig) -> Path:
             scale_images.extend(_rgb(dataset[(i, SCALE_EPOCH)]["pixels"]) for i in range(count))
         codec = eval_codec()
         gen = torch.Generator().manual_seed(cfg.seed)
-        factors = codec.measure_factors(torch.stack(scale_images).split(cfg.batch_size), generator=gen)
+        if mlp and cfg.mlp.conditional:
+            # Codec encodes without labels; a conditional VAE's latents are N(0, I) by its KL.
+            factors = {"scaling_factor": 1.0, "note": "not measured: conditional VAE"}
+        else:
+            factors = codec.measure_factors(torch.stack(scale_images).split(cfg.batch_size), generator=gen)
         codec.set_factors(factors["scaling_factor"])
         codec.save_pretrained(
             folder,
