@@ -18,6 +18,7 @@ killed mid-save leaves the previous checkpoint as the latest.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -31,7 +32,9 @@ _NAME = re.compile(r"^step_(\d{8})$")
 
 # AutoencoderKL config keys that do not change the weights' shapes or meaning.
 _IGNORED_KEYS = {"scaling_factor", "shift_factor", "latents_mean", "latents_std", "force_upcast",
-                 "sample_size", "_name_or_path", "_diffusers_version", "_class_name"}
+                 "sample_size", "_name_or_path", "_diffusers_version", "_class_name",
+                 # diffusers' bookkeeping, listed in set order (which differs between processes)
+                 "_use_default_values"}
 
 
 def checkpoint_name(step: int) -> str:
@@ -142,3 +145,24 @@ def load_objects(folder: Path, objects: dict) -> None:
                 value = [tensors[n] for n in value[_TENSORS]]
             state[key] = value
         obj.load_state_dict(state)
+
+
+def load_accelerate_state(accelerator, folder: Path) -> None:
+    """``accelerator.load_state`` with each pickle-based file first checked on its own, so a
+    failure names the file. accelerate reads them with ``torch.load(weights_only=True)`` (plain
+    tensors and numbers only: a file that would run code is refused) but only *logs* a failure
+    to read the random states and resumes with other RNG states, i.e. not exactly."""
+    from accelerate.utils import load as weights_only_load
+
+    pickled = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt"))
+    pickled.append(folder / f"random_states_{accelerator.process_index}.pkl")
+    for file in pickled:
+        try:
+            weights_only_load(file, map_location="cpu")
+        except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(
+                f"cannot resume from {folder}: {file.name} is unreadable or holds more than plain "
+                f"tensors and numbers (not unpickled, as that could run code): {first_line}"
+            ) from exc
+    accelerator.load_state(str(folder))

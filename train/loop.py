@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -211,7 +212,7 @@ def _train(cfg: TrainConfig) -> Path:
     own_state = {"train": state, "nonfinite": guard, "logvar": gen_loss.logvar_state,
                  **({"ema": ema} if ema is not None else {})}
     if resume_from:
-        accelerator.load_state(str(resume_from))
+        ckpt.load_accelerate_state(accelerator, resume_from)
         ckpt.load_objects(resume_from, own_state)
         accelerator.step = 0  # we always resume at an optimiser-step boundary
         if is_main:
@@ -313,6 +314,7 @@ def _train(cfg: TrainConfig) -> Path:
         # Its own generator: creating an iterator draws a worker seed, which must not come
         # from the global RNG (a resumed run creates its iterator at a different moment).
         generator=torch.Generator().manual_seed(cfg.seed + state.step),
+        worker_init_fn=_ignore_stop_signals,
     )
     stop = interrupted = None
     nonfinite = False  # any micro-batch of the current optimiser step
@@ -432,6 +434,13 @@ def _train(cfg: TrainConfig) -> Path:
 
 # ------------------------------------------------------------------------- small helpers
 TRAIN_LOG = "train_log.jsonl"  # one JSON line per logged step: loss terms, lr, grad norm
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Ctrl-C reaches every process of the terminal's group: the loader's workers leave the
+    signal to the main process, which finishes the step and saves, instead of dying under it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _agree(accelerator: Accelerator, *flags: bool) -> list[bool]:
