@@ -64,13 +64,16 @@ def test_run_stops_after_too_many_nonfinite_steps_in_a_row(tmp_path, image_folde
 
 def test_same_seed_same_losses_other_seed_other_losses(tmp_path, image_folder):
     runs = {}
-    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+    for name, seed, extra in (("a", 3, "data.num_workers=2"), ("b", 3, "data.num_workers=0"),
+                              ("c", 4, "data.num_workers=2"), ("d", 3, "deterministic=true")):
         out = tmp_path / name
-        assert main(args(out, image_folder, "max_steps=4", f"seed={seed}", "data.num_workers=2")) == 0
+        assert main(args(out, image_folder, "max_steps=4", f"seed={seed}", extra)) == 0
         runs[name] = [(r["step"], r["loss"], r["rec"], r["kl"]) for r in losses(out)]
     assert len(runs["a"]) == 4
-    assert runs["a"] == runs["b"]  # bit-identical floats, LPIPS and the GAN included
+    assert runs["a"] == runs["b"]  # bit-identical floats, LPIPS and the GAN included, any workers
+    assert runs["a"] == runs["d"]  # CPU kernels are deterministic already
     assert runs["a"][0] != runs["c"][0]
+    assert not torch.are_deterministic_algorithms_enabled()  # the global switch was put back
 
 
 class _Exploit:
