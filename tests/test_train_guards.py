@@ -100,10 +100,15 @@ def test_resume_never_unpickles_code(tmp_path, image_folder, victim):
     assert not marker.exists()
 
 
-def test_corrupt_training_state_is_a_clear_error(tmp_path, image_folder):
+@pytest.mark.parametrize("victim, error", [
+    ("train_state.safetensors", "step_00000003: its training state is unreadable"),
+    ("train_state.json", "step_00000003: its training state is unreadable"),
+    ("vae_config.json", "step_00000003: vae_config.json is unreadable"),
+])
+def test_corrupt_checkpoint_files_are_clear_errors(tmp_path, image_folder, victim, error):
     out = tmp_path / "run"
     assert main(args(out, image_folder, "max_steps=3", "loss.perceptual_weight=0", "loss.disc_weight=0")) == 0
-    (out / "checkpoints" / "step_00000003" / "train_state.safetensors").write_bytes(b"\x00" * 10)
-    with pytest.raises(ValueError, match="step_00000003: its training state is unreadable"):
+    (out / "checkpoints" / "step_00000003" / victim).write_bytes(b"\x00{" * 10)
+    with pytest.raises(ValueError, match=error):
         main(args(out, image_folder, "max_steps=6", "resume=true", "loss.perceptual_weight=0",
                   "loss.disc_weight=0"))

@@ -83,7 +83,10 @@ def architecture(vae_config) -> dict:
 
 def check_compatible(checkpoint: Path, vae_config) -> None:
     """Refuse to resume a checkpoint into a model of another architecture, naming the keys."""
-    saved = json.loads((checkpoint / "vae_config.json").read_text())
+    try:
+        saved = json.loads((checkpoint / "vae_config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot resume from {checkpoint}: vae_config.json is unreadable ({exc})") from exc
     now = architecture(vae_config)
     saved = {k: v for k, v in saved.items() if k not in _IGNORED_KEYS}
     # JSON turns tuples into lists; compare in that form.
