@@ -44,17 +44,21 @@ def kl_weight(step: int, beta: float, schedule: str, steps: int, cycles: int = 4
     return beta * min(phase / ratio, 1.0)
 
 
+def terms_from(model: MLPVAE, target: torch.Tensor, params: torch.Tensor, posterior) -> dict[str, torch.Tensor]:
+    """Per-example ``rec`` (-log p(x|z)), ``kl`` (closed form) and ``kl_per_dim`` (B, D), from
+    decoder parameters of a sampled z and the posterior (the trainer gets both from one forward)."""
+    rec = -model.log_likelihood(params.float(), target)
+    kl_per_dim = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).float()
+    return {"rec": rec, "kl": kl_per_dim.sum(1), "kl_per_dim": kl_per_dim}
+
+
 def elbo_terms(model: MLPVAE, x: torch.Tensor, labels=None, target: torch.Tensor | None = None,
                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """Per-example ``rec`` (-log p(x|z), one z sample), ``kl`` (closed form), ``kl_per_dim`` (B, D)."""
+    """:func:`terms_from` for images ``x`` (one z sample each), plus ``params`` and ``posterior``."""
     posterior = model.encode(x, labels).latent_dist
-    z = posterior.sample(generator)
-    params = model.decoder_params(z, labels)
-    t = targets(x) if target is None else target
-    rec = -model.log_likelihood(params, t)
-    kl_per_dim = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar)
-    return {"rec": rec, "kl": kl_per_dim.sum(1), "kl_per_dim": kl_per_dim, "params": params,
-            "posterior": posterior}
+    params = model.decoder_params(posterior.sample(generator), labels)
+    terms = terms_from(model, targets(x) if target is None else target, params, posterior)
+    return {**terms, "params": params, "posterior": posterior}
 
 
 def training_loss(terms: dict, weight: float, free_bits: float = 0.0) -> tuple[torch.Tensor, dict]:

@@ -153,6 +153,8 @@ def test_npz_split_and_missing_keys(tmp_path, mnist_small):
     np.savez(tmp_path / "bad.npz", x_train=x)
     with pytest.raises(ValueError, match=r"missing array\(s\) \['y_train'\]"):
         load_split(tmp_path / "bad.npz", "train")
+    with pytest.raises(ValueError, match="torchvision:MNIST"):
+        load_split("torchvision:CIFAR10", "train")
 
 
 # ----------------------------------------------------------------------------- the commands
@@ -221,17 +223,19 @@ def test_conditional_vae_samples_the_asked_class(tmp_path, mnist_small):
     assert json.loads((out / "metrics.json").read_text())["conditional"] is True
 
 
-def test_trains_on_photo_crops_like_kl_f8(tmp_path, image_folder):
+def test_trains_on_photo_crops_like_kl_f8(tmp_path, image_folder, capsys):
     run = tmp_path / "photos"
     assert train_main([
         str(REPO / "configs" / "mlp-vae-photos.yaml"), "--set", f"output_dir={run}",
-        "--set", f"data.train={image_folder}", "--set", "mlp.image_size=16", "--set", "mlp.hidden_sizes=[32]",
+        "--set", f"data.train={image_folder}", "--set", "mlp.image_size=32", "--set", "mlp.hidden_sizes=[32]",
         "--set", "mlp.latent_size=8", "--set", "batch_size=4", "--set", "max_steps=6", "--set", "max_minutes=0",
         "--set", "data.num_workers=0", "--set", "scale_samples=4", "--set", "image_every=3",
+        "--set", f"data.val={image_folder}", "--set", "data.val_crop=32", "--set", "val_every=3",
     ]) == 0
+    assert "validation: psnr" in capsys.readouterr().out  # the kl-f8 validation path, PSNR/SSIM/LPIPS
     codec = Codec.from_pretrained(run / "codec", device="cpu")
-    x = torch.from_numpy(smooth_image(0, 16, 16))
-    assert codec.reconstruct(x.numpy()).shape == (1, 3, 16, 16)
+    x = torch.from_numpy(smooth_image(0, 32, 32))
+    assert codec.reconstruct(x.numpy()).shape == (1, 3, 32, 32)
     assert (run / "samples" / "train_00000003.png").exists()
 
 
@@ -239,6 +243,9 @@ def test_kl_f8_options_are_refused_for_the_mlp(tmp_path, mnist_small, image_fold
     with pytest.raises(SystemExit):
         train_main(train_args(tmp_path / "r", mnist_small, "loss.disc_weight=0.5"))
     assert "['loss.disc_weight'] apply to kl-f8 only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_main(train_args(tmp_path / "r", mnist_small, f"data.val={image_folder}"))
+    assert "set data.val_crop=28" in capsys.readouterr().err
     with pytest.raises(ValueError, match="needs labelled data"):
         train_main(train_args(tmp_path / "r", image_folder, "mlp.conditional=true"))
 

@@ -242,5 +242,10 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"model.kind mlp-vae: {bad} apply to kl-f8 only; unset them")
         if cfg.mlp.latent_size < 1 or cfg.mlp.image_size < 1 or cfg.mlp.in_channels not in (1, 3):
             raise ValueError("mlp.latent_size and mlp.image_size must be >= 1, mlp.in_channels 1 or 3")
+        if cfg.data.val and cfg.data.val_crop != cfg.mlp.image_size:
+            raise ValueError(
+                f"data.val with model.kind mlp-vae: set data.val_crop={cfg.mlp.image_size} "
+                f"(the MLP's fixed image size), got {cfg.data.val_crop}"
+            )
     if len(cfg.optim.betas) != 2:
         raise ValueError(f"optim.betas must have two values, got {cfg.optim.betas}")

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from codec.array_data import is_array_source, load_split, to_tensor
-from codec.elbo import kl_weight, training_loss
+from codec.elbo import kl_weight, targets, terms_from, training_loss
 from codec.mlp_vae import MLPVAE
 
 from .config import TrainConfig
@@ -113,10 +113,7 @@ class ELBOLoss:
         self.m = cfg.mlp
 
     def __call__(self, vae: MLPVAE, x: torch.Tensor, params: torch.Tensor, posterior, step: int):
-        t = ((x.flatten(1) + 1) / 2).clamp(0, 1)
-        rec = -vae.log_likelihood(params.float(), t)
-        kl_per_dim = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).float()
-        terms = {"rec": rec, "kl": kl_per_dim.sum(1), "kl_per_dim": kl_per_dim}
+        terms = terms_from(vae, targets(x), params, posterior)
         m = self.m
         w = kl_weight(step, m.beta, m.kl_anneal, m.kl_anneal_steps, m.kl_anneal_cycles, m.kl_anneal_ratio)
         return training_loss(terms, w, m.free_bits)
