@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,6 +146,15 @@ def test_idx_files_as_fashion_mnist_ships_them(tmp_path):
     (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04")
     with pytest.raises(ValueError, match="bad magic"):
         read_idx(tmp_path / "bad")
+
+
+def test_real_fashion_mnist_idx_files():
+    folder = Path("/usr/share/datasets/fashion-mnist")
+    if not (folder / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"{folder} is absent (apt-get install dataset-fashion-mnist)")
+    x, y = load_split(folder, "test")
+    assert x.shape == (10000, 28, 28) and x.dtype == np.uint8
+    assert np.bincount(y).tolist() == [1000] * 10  # the official test split: 1000 per class
 
 
 def test_npz_split_and_missing_keys(tmp_path, mnist_small):
