@@ -202,6 +202,15 @@ def test_train_eval_sample_interpolate_on_mnist(tmp_path, mnist_small, capsys):
         rec = codec.reconstruct(np.asarray(Image.open(tmp_path / name).convert("RGB")))
         expected = rec[0, 0].clamp(-1, 1).add(1).mul(127.5).numpy()
         assert np.abs(tile - expected).max() <= 1.0
+    # export / encode / decode treat it like any codec
+    assert cli(["export", str(run), str(tmp_path / "exported")]) == 0
+    assert MLPVAE.from_pretrained(tmp_path / "exported").config.latent_size == 8
+    assert cli(["encode", "--codec", str(codec_dir), str(tmp_path / "a.png"), str(tmp_path / "a.safetensors")]) == 0
+    assert load_file(tmp_path / "a.safetensors")["latents"].shape == (1, 8)
+    assert cli(["decode", "--codec", str(codec_dir), str(tmp_path / "a.safetensors"), str(tmp_path / "a2.png")]) == 0
+    decoded = np.asarray(Image.open(tmp_path / "a2.png").convert("L"), dtype=float)
+    assert decoded.shape == (28, 28) and np.abs(decoded - row[2:30, 2:30]).max() <= 1.0  # = the row's first tile
+
     capsys.readouterr()
     assert cli(["eval", "--codec", str(codec_dir), "--data", str(mnist_small), "--nll-samples", "10",
                 "--out", str(out), "--codec", str(codec_dir)]) == 2
