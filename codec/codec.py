@@ -132,7 +132,7 @@ class Codec:
 
     @torch.no_grad()
     def posterior(self, images, pad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unscaled posterior ``(mean, logvar)``, each (B, 4, H/8, W/8) float32."""
+        """Unscaled posterior ``(mean, logvar)``, each (B, 4, H/8, W/8) float32 ((B, D) for MLPVAE)."""
         x, _ = self._prepare(images, pad)
         means, logvars = [], []
         for chunk in self._batches(x):
@@ -148,7 +148,7 @@ class Codec:
         generator: torch.Generator | None = None,
         pad: bool = False,
     ) -> torch.Tensor:
-        """Images -> scaled latents (B, 4, H/8, W/8), float32 on the CPU.
+        """Images -> scaled latents (B, 4, H/8, W/8) ((B, D) for MLPVAE), float32 on the CPU.
 
         Deterministic (the posterior mean) unless ``sample=True``; pass a ``generator`` to make
         the sample reproducible.
