@@ -231,7 +231,8 @@ def test_mlp_resume_continues_exactly(tmp_path, mnist_small):
 def test_conditional_vae_samples_the_asked_class(tmp_path, mnist_small):
     run = tmp_path / "cvae"
     assert train_main(train_args(run, mnist_small, "max_steps=20", "mlp.conditional=true",
-                                 "mlp.kl_anneal=cyclical", "mlp.kl_anneal_steps=20", "mlp.free_bits=0.1")) == 0
+                                 "mlp.kl_anneal=cyclical", "mlp.kl_anneal_steps=20", "mlp.free_bits=0.1",
+                                 "mlp.binarize=false")) == 0  # Bernoulli on grey levels
     model = MLPVAE.from_pretrained(run / "codec")
     assert model.config.num_classes == 10
     assert cli(["sample", "--codec", str(run / "codec"), "--num", "8", "--label", "3", str(tmp_path / "three.png")]) == 0
@@ -239,7 +240,9 @@ def test_conditional_vae_samples_the_asked_class(tmp_path, mnist_small):
     out = tmp_path / "eval"
     assert cli(["eval", "--codec", str(run / "codec"), "--data", str(mnist_small), "--nll-samples", "20",
                 "--out", str(out)]) == 0
-    assert json.loads((out / "metrics.json").read_text())["conditional"] is True
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["conditional"] is True and report["binarized_test_set"] is False
+    assert any("not a normalised density" in n for n in report["notes"])
 
 
 def test_trains_on_photo_crops_like_kl_f8(tmp_path, image_folder, capsys):
