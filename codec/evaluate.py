@@ -201,7 +201,7 @@ def _run_subject(subject, good, lpips, rfid, crop_size, windows) -> dict:
     memory = PeakMemory(subject.device)
     enc_s = dec_s = 0.0
     timed = pixels = 0
-    bpps, quality = [], []
+    bpps = []
     for j, (path, (h, w)) in enumerate(good):
         x, _ = _load(path)
         with memory:
