@@ -1,7 +1,7 @@
 """``Codec``: a diffusers ``AutoencoderKL`` used as an image <-> latent codec.
 
 Latents are returned the way diffusion models consume them, exactly as diffusers pipelines
-compute them::
+compute them (:mod:`codec.factors`; with per-channel ``latents_mean``/``latents_std`` unset)::
 
     latents = (z - shift_factor) * scaling_factor        # after encoding
     z       = latents / scaling_factor + shift_factor     # before decoding
@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
+from . import single_file
+from .factors import scale_latents, unscale_latents
 from .images import tensor_to_pil, to_batch
 from .models import load_autoencoder
 
@@ -70,7 +72,11 @@ class Codec:
     # ------------------------------------------------------------------ loading and saving
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "Codec":
-        """Load one of our exports or any diffusers AutoencoderKL folder (or pipeline folder)."""
+        """Load one of our exports, any diffusers AutoencoderKL folder (or pipeline folder), or a
+        single-file ``.safetensors`` in the CompVis/LDM layout (e.g. a downloaded SD VAE)."""
+        if single_file.is_single_file(path):
+            vae, meta = single_file.load_single_file(path)
+            return cls(vae, meta=meta, **kwargs)
         vae = load_autoencoder(path)
         meta_path = Path(path) / META_FILE
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
@@ -100,9 +106,18 @@ class Codec:
         # diffusers stores None when a VAE has no shift; pipelines then skip the subtraction.
         return float(self.vae.config.shift_factor or 0.0)
 
-    def set_factors(self, scaling_factor: float, shift_factor: float | None = None) -> None:
+    def set_factors(
+        self,
+        scaling_factor: float,
+        shift_factor: float | None = None,
+        latents_mean: list[float] | None = None,
+        latents_std: list[float] | None = None,
+    ) -> None:
+        """Set the factors diffusers pipelines apply (see :mod:`codec.factors`)."""
         self.vae.register_to_config(scaling_factor=float(scaling_factor))
         self.vae.register_to_config(shift_factor=None if shift_factor is None else float(shift_factor))
+        for key, value in (("latents_mean", latents_mean), ("latents_std", latents_std)):
+            self.vae.register_to_config(**{key: None if value is None else [float(v) for v in value]})
 
     # ------------------------------------------------------------------ encode / decode
     def _prepare(self, images, pad: bool) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -156,7 +171,7 @@ class Codec:
         if sample:
             noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
             z = mean + torch.exp(0.5 * logvar) * noise
-        return (z - self.shift_factor) * self.scaling_factor
+        return scale_latents(z, self.vae.config)
 
     @torch.no_grad()
     def decode(
@@ -175,7 +190,7 @@ class Codec:
             raise ValueError(
                 f"latents must be (B, {channels}, h, w), got {tuple(latents.shape)}"
             )
-        z = latents.float() / self.scaling_factor + self.shift_factor
+        z = unscale_latents(latents.float(), self.vae.config)
         out = torch.cat([self.vae.decode(c).sample.float().cpu() for c in self._batches(z)])
         if size is not None:
             h, w = size

@@ -39,9 +39,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .codec import DOWNSAMPLE, Codec
+from .factors import scale_latents, scale_std
 from .images import IMAGE_EXTENSIONS, ImageLoadError, list_images, load_image, save_image
 from .models import load_autoencoder
 from . import shards as sh
+from . import single_file
 
 COMPRESSED_TARS = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 
@@ -187,6 +189,8 @@ def load_codec(path, device=None, dtype="fp32", batch_size=8) -> tuple[Codec, di
     vae = load_autoencoder(path).float()  # hashed in fp32 on the CPU, whatever --dtype is
     meta_path = Path(path) / "vae_codec.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    if single_file.is_single_file(path):  # metadata lives in the file's header
+        meta = json.loads(single_file.read_header(path).get(single_file.META_KEY, "{}"))
     info = {
         # Absolute when local, so decompress finds it from any folder (else a hub id).
         "path": str(Path(path).resolve()) if Path(path).exists() else str(path),
@@ -303,8 +307,9 @@ def compress(
         x = torch.stack([it["image"] for it in items]).to(codec.device)
         x = x.float().div_(127.5).sub_(1.0)
         mean, logvar = codec.posterior(x)  # (B, C, h, w) unscaled, float32 on the CPU
-        mean_s = (mean - codec.shift_factor) * codec.scaling_factor
-        std_s = torch.exp(0.5 * logvar) * codec.scaling_factor
+        # The factors exactly as Codec.encode / diffusers pipelines apply them (codec.factors).
+        mean_s = scale_latents(mean, codec.vae.config)
+        std_s = scale_std(torch.exp(0.5 * logvar), codec.vae.config)
         if store == "mean":
             return {"latents": mean_s}
         if store == "mean_std":
