@@ -399,18 +399,11 @@ def compress(
 
 
 # ------------------------------------------------------------------------- decompress
-def decompress(
-    latents_dir, output, codec_path=None, device=None, dtype="fp32", batch_size=8
-) -> int:
-    """Decode every shard row to ``output/<key>.png`` (the suffix replaced); returns the count."""
-    from safetensors import safe_open
-
-    out_dir, src = Path(output), Path(latents_dir)
-    manifest = sh.load_manifest(src)
+def codec_of_latents(manifest: dict, codec_path=None, **kwargs) -> Codec:
+    """The codec a compress job was made with (its recorded path unless ``codec_path``),
+    refusing any other: latents decode only with the weights and factors that made them."""
     made_by = manifest["codec"]
-    codec, info = load_codec(
-        codec_path or made_by["path"], device=device, dtype=dtype, batch_size=batch_size
-    )
+    codec, info = load_codec(codec_path or made_by["path"], **kwargs)
     if (info["weights_sha256"], info["scaling_factor"], info["shift_factor"]) != (
         made_by["weights_sha256"], made_by["scaling_factor"], made_by["shift_factor"]
     ):
@@ -420,6 +413,18 @@ def decompress(
             f"scaling_factor {made_by['scaling_factor']}); "
             "pass that codec with --codec"
         )
+    return codec
+
+
+def decompress(
+    latents_dir, output, codec_path=None, device=None, dtype="fp32", batch_size=8
+) -> int:
+    """Decode every shard row to ``output/<key>.png`` (the suffix replaced); returns the count."""
+    from safetensors import safe_open
+
+    out_dir, src = Path(output), Path(latents_dir)
+    manifest = sh.load_manifest(src)
+    codec = codec_of_latents(manifest, codec_path, device=device, dtype=dtype, batch_size=batch_size)
     used, count = set(), 0
     for shard in manifest["shards"]:
         with safe_open(str(src / shard["file"]), "pt") as f:

@@ -72,9 +72,10 @@ def architecture(vae_config) -> dict:
     return {k: v for k, v in dict(vae_config).items() if k not in _IGNORED_KEYS}
 
 
-def check_compatible(checkpoint: Path, vae_config) -> None:
-    """Refuse to resume a checkpoint into a model of another architecture, naming the keys."""
-    saved = json.loads((checkpoint / "vae_config.json").read_text())
+def check_compatible(checkpoint: Path, vae_config, filename: str = "vae_config.json") -> None:
+    """Refuse to resume a checkpoint into a model of another architecture, naming the keys
+    (``filename``: where the checkpoint keeps its model config)."""
+    saved = json.loads((checkpoint / filename).read_text())
     now = architecture(vae_config)
     saved = {k: v for k, v in saved.items() if k not in _IGNORED_KEYS}
     # JSON turns tuples into lists; compare in that form.
