@@ -49,26 +49,34 @@ def unet_weights(run):
     return load_file(run / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
 
 
-def test_trains_samples_decodes_and_resumes_exactly(latents, tmp_path, capsys):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert main(args(straight, latents, "max_steps=4")) == 0
-    assert "fresh posterior samples" in capsys.readouterr().out
-    assert main(args(resumed, latents, "max_steps=2")) == 0
-    assert main(args(resumed, latents, "max_steps=4", "resume=true")) == 0
-    a, b = unet_weights(straight), unet_weights(resumed)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k  # same data, samples, noise and optimiser state
+@pytest.fixture(scope="module")
+def run(latents, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ldm") / "run"
+    assert main(args(out, latents, "max_steps=4")) == 0
+    return out
 
-    grid = Image.open(straight / "samples" / "step_00000004.png")
+
+def test_trains_samples_and_exports_a_pipeline(run):
+    grid = Image.open(run / "samples" / "step_00000004.png")
     assert grid.size == (2 + 2 * (32 + 2), 2 + 2 * (32 + 2))  # 4 decoded 32x32 samples, 2x2
-    assert (straight / "samples" / "step_00000002.png").exists()
-    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
-
+    assert (run / "samples" / "step_00000002.png").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    assert (run / "tensorboard").is_dir()
     # The export is a diffusers pipeline folder; our sampler draws latents of the data's shape.
-    pipe = DDPMPipeline.from_pretrained(straight / "pipeline")
+    pipe = DDPMPipeline.from_pretrained(run / "pipeline")
     assert isinstance(pipe.unet, UNet2DModel) and not pipe.scheduler.config.clip_sample
     x = sample_latents(pipe.unet, pipe.scheduler.config, 2, 3, torch.Generator().manual_seed(0))
     assert x.shape == (2, 4, 4, 4) and torch.isfinite(x).all()
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(run, latents, tmp_path):
+    resumed = tmp_path / "resumed"
+    assert main(args(resumed, latents, "max_steps=2")) == 0
+    assert main(args(resumed, latents, "max_steps=4", "resume=true")) == 0
+    a, b = unet_weights(run), unet_weights(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # same data, samples, noise and optimiser state
 
 
 def test_fresh_samples_per_epoch_from_stored_mean_std(latents):
@@ -83,13 +91,14 @@ def test_fresh_samples_per_epoch_from_stored_mean_std(latents):
     assert torch.equal(LatentStream(latents, 0, fresh_samples=False)[(3, 0)], item["mean"])
 
 
-def test_bad_settings_are_refused(latents, tmp_path):
+def test_bad_settings_are_refused(run, latents, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(args(tmp_path / "x", latents, "prediction_type=x0"))
+    assert "prediction_type: unknown 'x0'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(args(tmp_path / "x", latents, "model.unknown=1"))
-    assert main(args(tmp_path / "run", latents, "max_steps=1")) == 0
+    assert "model.unknown" in capsys.readouterr().err
     with pytest.raises(FileExistsError, match="resume=true"):
-        main(args(tmp_path / "run", latents, "max_steps=2"))
+        main(args(run, latents, "max_steps=6"))
     with pytest.raises(ValueError, match="model configuration changed.*block_out_channels"):
-        main(args(tmp_path / "run", latents, "max_steps=2", "resume=true", "model.block_out_channels=[16,16]"))
+        main(args(run, latents, "max_steps=6", "resume=true", "model.block_out_channels=[16,16]"))
