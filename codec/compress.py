@@ -404,9 +404,10 @@ def codec_of_latents(manifest: dict, codec_path=None, **kwargs) -> Codec:
     refusing any other: latents decode only with the weights and factors that made them."""
     made_by = manifest["codec"]
     codec, info = load_codec(codec_path or made_by["path"], **kwargs)
+    per_channel = ("latents_mean", "latents_std")
     if (info["weights_sha256"], info["scaling_factor"], info["shift_factor"]) != (
         made_by["weights_sha256"], made_by["scaling_factor"], made_by["shift_factor"]
-    ):
+    ) or [info["config"].get(k) for k in per_channel] != [made_by["config"].get(k) for k in per_channel]:
         raise ValueError(
             f"{codec_path or made_by['path']} is not the codec these latents were made with "
             f"(weights {made_by['weights_sha256'][:12]}, "

@@ -2,7 +2,7 @@
 a trained codec, train ``configs/ldm-tiny.yaml`` on the latents on the CPU, report timings,
 the loss at the start and the end, and where the decoded sample grid is.
 
-    .venv/bin/python -m scripts.ldm_tiny --codec runs/bench-q2/codec --work /tmp/ldm-tiny
+    .venv/bin/python -m scripts.ldm_tiny --codec runs/bench-q2/codec --work /tmp/ldm-tiny --threads 1
 
 Everything is written under --work (never into the repository).
 """
@@ -34,7 +34,13 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/ldm-tiny")
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0: torch's default); 1 avoids thrashing on a shared CPU")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     files = sorted(p for split in ("train", "val") for p in (Path(args.data) / split).glob("*.jpg"))
