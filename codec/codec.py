@@ -214,16 +214,20 @@ class Codec:
         ``batches`` is an iterable of image batches (anything :meth:`encode` accepts). The
         statistics are over *posterior samples* of the unscaled latents, since samples are what
         a diffusion model trained on this codec sees. Returns ``{"std", "mean",
-        "scaling_factor", "num_images"}``; apply with :meth:`set_factors`.
+        "scaling_factor", "num_images", "channel_mean", "channel_std"}`` (the last two per
+        latent channel, for ``latents_mean``/``latents_std``); apply with :meth:`set_factors`.
         """
         total = total_sq = 0.0
         count = images = 0
+        ch_sum = ch_sq = 0.0
         for batch in batches:
             mean, logvar = self.posterior(batch)
             z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
             z = z.double()
             total += z.sum().item()
             total_sq += z.pow(2).sum().item()
+            ch_sum = ch_sum + z.sum(dim=(0, 2, 3))
+            ch_sq = ch_sq + z.pow(2).sum(dim=(0, 2, 3))
             count += z.numel()
             images += z.shape[0]
         if count == 0:
@@ -232,4 +236,8 @@ class Codec:
         std = max(total_sq / count - mu * mu, 0.0) ** 0.5
         if std == 0.0:
             raise ValueError("latents have zero variance; cannot derive a scaling factor")
-        return {"std": std, "mean": mu, "scaling_factor": 1.0 / std, "num_images": images}
+        per = count / z.shape[1]
+        ch_mean = ch_sum / per
+        ch_std = (ch_sq / per - ch_mean**2).clamp(min=0).sqrt()
+        return {"std": std, "mean": mu, "scaling_factor": 1.0 / std, "num_images": images,
+                "channel_mean": ch_mean.tolist(), "channel_std": ch_std.tolist()}

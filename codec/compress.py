@@ -525,6 +525,9 @@ def register(sub, codec_args) -> None:
     p.add_argument("--samples", type=int, default=512, help="images used, spread over the input")
     p.add_argument("--shift", action="store_true",
                    help="also set shift_factor to the latent mean (SD3/Flux style)")
+    p.add_argument("--per-channel", action="store_true",
+                   help="set latents_mean/latents_std per channel instead (SDXL style; "
+                        "scaling_factor becomes 1)")
     p.add_argument("--output", default=None,
                    help="write the codec here instead of updating --codec in place")
     p.add_argument("--num-workers", type=int, default=_default_workers())
@@ -570,6 +573,10 @@ def cmd_decompress(args) -> int:
     return 0
 
 
+def _fmt(values) -> str:
+    return "[" + ", ".join(f"{v:.4f}" for v in values) + "]"
+
+
 def cmd_scale(args) -> int:
     target = Path(args.output or args.codec)
     if args.output is None and not (target / "config.json").exists():
@@ -585,7 +592,12 @@ def cmd_scale(args) -> int:
     stats = measure_scale(
         codec, args.input, args.resolution, args.samples, args.num_workers, args.seed
     )
-    codec.set_factors(stats["scaling_factor"], stats["mean"] if args.shift else None)
+    if args.shift and args.per_channel:
+        raise ValueError("--shift and --per-channel exclude each other (no pipeline applies both)")
+    if args.per_channel:  # latents_mean/std carry the scale; scaling_factor 1 keeps it unit
+        codec.set_factors(1.0, None, stats["channel_mean"], stats["channel_std"])
+    else:
+        codec.set_factors(stats["scaling_factor"], stats["mean"] if args.shift else None)
     codec.meta["latent_stats"] = {k: v for k, v in stats.items() if k != "skipped"}
     # Saved beside and renamed in: the weights being overwritten may still be memory-mapped.
     tmp = target.parent / f"{target.name}{sh.TMP_MARK}scale"
@@ -595,6 +607,8 @@ def cmd_scale(args) -> int:
         os.replace(f, target / f.name)
     tmp.rmdir()
     shift = f", shift_factor {codec.shift_factor:.5f}" if args.shift else ""
+    if args.per_channel:
+        shift = f", latents_mean {_fmt(stats['channel_mean'])}, latents_std {_fmt(stats['channel_std'])}"
     print(
         f"scaling_factor {before:.5f} -> {codec.scaling_factor:.5f}{shift} (1 / std of posterior "
         f"samples over {stats['num_images']} images, {len(stats['skipped'])} unreadable); "

@@ -112,3 +112,27 @@ def test_factor_functions_invert_and_refuse_ambiguity():
         scale_latents(z, {"scaling_factor": 0.5, "latents_mean": MEAN})
     with pytest.raises(ValueError, match="4 values for 3 latent channels"):
         scale_latents(z[:, :3], config)
+
+
+def test_scale_per_channel_writes_latents_mean_std(image_folder, tmp_path, capsys):
+    from codec.cli import main as cli
+    from codec.compress import fit
+    from codec.images import list_images, load_image
+
+    target = codec_with(scaling_factor=5.0).save_pretrained(tmp_path / "codec")
+    assert cli(["scale", "--codec", str(target), "--input", str(image_folder), "--resolution", "32",
+                "--per-channel", "--num-workers", "0"]) == 0
+    assert "latents_mean [" in capsys.readouterr().out
+    codec = Codec.from_pretrained(target, device="cpu")
+    config = codec.vae.config
+    assert config.scaling_factor == 1.0 and config.shift_factor is None
+    assert len(config.latents_mean) == len(config.latents_std) == 4
+    x = torch.stack([fit(load_image(f), 32)[0] for f in list_images(image_folder)]).float() / 127.5 - 1
+    raw = codec.posterior(x)[0]
+    mean, std = (torch.tensor(v).view(1, 4, 1, 1) for v in (config.latents_mean, config.latents_std))
+    assert torch.allclose(codec.encode(x), (raw - mean) / std, atol=1e-5)
+    # On the images it was measured on, posterior samples come out about N(0, 1) per channel.
+    z = codec.encode(x, sample=True, generator=gen(1))
+    assert z.mean(dim=(0, 2, 3)).abs().max() < 0.2 and (z.std(dim=(0, 2, 3)) - 1).abs().max() < 0.2
+    assert cli(["scale", "--codec", str(target), "--input", str(image_folder), "--per-channel",
+                "--shift", "--num-workers", "0"]) == 2
