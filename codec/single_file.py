@@ -84,12 +84,22 @@ def diffusers_to_ldm(state_dict: dict[str, torch.Tensor], num_up_blocks: int) ->
 
 
 # ------------------------------------------------------------------------- LDM -> diffusers
+# Saved by LDM's training but not part of the autoencoder: the loss (LPIPS, discriminator) and
+# EMA bookkeeping of unpruned VAE checkpoints.
+TRAINING_ONLY = ("loss.", "model_ema.")
+
+
 def strip_prefix(state_dict: dict) -> dict:
     """Keep the VAE of a full SD checkpoint (``first_stage_model.``/``vae.`` prefixes)."""
     for prefix in LDM_VAE_KEYS:
         if any(k.startswith(prefix) for k in state_dict):
             return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     return state_dict
+
+
+def drop_training_only(state_dict: dict) -> tuple[dict, list[str]]:
+    dropped = sorted(k for k in state_dict if k.startswith(TRAINING_ONLY))
+    return {k: v for k, v in state_dict.items() if not k.startswith(TRAINING_ONLY)}, dropped
 
 
 def infer_config(ldm: dict[str, torch.Tensor], scaling_factor: float | None = None) -> dict:
@@ -166,7 +176,9 @@ def load_single_file(
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such single-file checkpoint")
     header = read_header(path)
-    ldm = strip_prefix(load_file(str(path)))
+    ldm, dropped = drop_training_only(strip_prefix(load_file(str(path))))
+    if dropped:  # recorded in the metadata and said, never silently
+        print(f"{path}: ignored {len(dropped)} training-only tensor(s) ({dropped[0]} ...)", file=sys.stderr)
     try:
         if CONFIG_KEY in header:
             config = json.loads(header[CONFIG_KEY])
@@ -193,4 +205,6 @@ def load_single_file(
             f"{path}: the weights do not fit the architecture (missing {missing[:4]}, "
             f"unexpected {unexpected[:4]})"
         )
+    if dropped:
+        meta["ignored_training_tensors"] = len(dropped)
     return vae, meta

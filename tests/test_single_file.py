@@ -84,9 +84,15 @@ def test_foreign_single_file_architecture_from_shapes(tmp_path, capsys):
     ldm = diffusers_to_ldm(vae.state_dict(), 3)
     # Like a full SD checkpoint: prefixed keys and no config in the header.
     path = tmp_path / "sd.safetensors"
-    save_file({f"first_stage_model.{k}": v for k, v in ldm.items()}, str(path))
+    extra = {"loss.logvar": torch.zeros(()), "loss.discriminator.main.0.weight": torch.zeros(2, 3, 4, 4),
+             "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}  # a full SD file
+    save_file({**{f"first_stage_model.{k}": v for k, v in ldm.items()},
+               **{f"first_stage_model.{k}" if k.startswith("loss") else k: v for k, v in extra.items()}},
+              str(path))
     loaded, meta = load_single_file(path)
-    assert "scaling_factor assumed 0.18215" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "scaling_factor assumed 0.18215" in err and "ignored 2 training-only tensor(s)" in err
+    assert meta["ignored_training_tensors"] == 2
     assert meta["config_inferred"] and loaded.config.scaling_factor == 0.18215
     assert list(loaded.config.block_out_channels) == [32, 32, 64]
     assert loaded.config.layers_per_block == 2
