@@ -578,6 +578,8 @@ def _fmt(values) -> str:
 
 
 def cmd_scale(args) -> int:
+    if args.shift and args.per_channel:
+        raise ValueError("--shift and --per-channel exclude each other (no pipeline applies both)")
     target = Path(args.output or args.codec)
     if args.output is None and not (target / "config.json").exists():
         raise ValueError(
@@ -592,8 +594,6 @@ def cmd_scale(args) -> int:
     stats = measure_scale(
         codec, args.input, args.resolution, args.samples, args.num_workers, args.seed
     )
-    if args.shift and args.per_channel:
-        raise ValueError("--shift and --per-channel exclude each other (no pipeline applies both)")
     if args.per_channel:  # latents_mean/std carry the scale; scaling_factor 1 keeps it unit
         codec.set_factors(1.0, None, stats["channel_mean"], stats["channel_std"])
     else:
