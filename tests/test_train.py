@@ -92,10 +92,10 @@ def test_learned_logvar_accumulation_and_bf16_autocast(tmp_path, image_folder):
     out = tmp_path / "run"
     assert main(args(out, image_folder, "max_steps=3", "loss.learn_logvar=true", "grad_accum=2",
                      "mixed_precision=bf16", "optim.max_grad_norm=1.0", "loss.disc_weight=0")) == 0
-    state = torch.load(out / "checkpoints" / "step_00000003" / "custom_checkpoint_1.pkl", weights_only=True)
-    assert state["value"].item() != 0.0  # logvar moved from its initial 0
-    train_state = torch.load(out / "checkpoints" / "step_00000003" / "custom_checkpoint_0.pkl", weights_only=True)
-    assert train_state["step"] == 3
+    folder = out / "checkpoints" / "step_00000003"
+    assert load_file(folder / "train_state.safetensors")["logvar.value"].item() != 0.0  # it moved from 0
+    assert json.loads((folder / "train_state.json").read_text())["train"]["step"] == 3
+    assert not list(folder.glob("custom_checkpoint_*"))  # nothing of ours is pickled
 
 
 def test_unusable_validation_files_are_reported(tmp_path, image_folder, capsys):

@@ -29,9 +29,16 @@ def main(argv: list[str] | None = None) -> int:
         validate(cfg)
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
-    from .loop import train  # imported late: `--help` and config errors stay instant
+    from .guards import NonFiniteLossError
+    from .loop import TrainingInterrupted, train  # imported late: `--help` and config errors stay instant
 
-    train(cfg)
+    try:
+        train(cfg)
+    except TrainingInterrupted:
+        return 130  # the shell's code for Ctrl-C; the checkpoint is saved and was announced
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -3,7 +3,9 @@
 Layout::
 
     OUTPUT_DIR/checkpoints/step_00000500/
-        model.safetensors, optimizer.bin, random_states_*.pkl, custom_checkpoint_*.pkl   (accelerate)
+        model.safetensors, optimizer.bin, random_states_*.pkl   (accelerate; its torch.load
+                                                     runs with weights_only=True)
+        train_state.json, train_state.safetensors   step, skipped files, EMA, logvar (no pickle)
         config.yaml        the resolved training config
         vae_config.json    the architecture, to refuse resuming into a different model
         codec/             a diffusers folder (EMA weights where EMA is on) ready to export
@@ -16,16 +18,23 @@ killed mid-save leaves the previous checkpoint as the latest.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 COMPLETE = "COMPLETE"
 _NAME = re.compile(r"^step_(\d{8})$")
 
 # AutoencoderKL config keys that do not change the weights' shapes or meaning.
 _IGNORED_KEYS = {"scaling_factor", "shift_factor", "latents_mean", "latents_std", "force_upcast",
-                 "sample_size", "_name_or_path", "_diffusers_version", "_class_name"}
+                 "sample_size", "_name_or_path", "_diffusers_version", "_class_name",
+                 # diffusers' bookkeeping, listed in set order (which differs between processes)
+                 "_use_default_values"}
 
 
 def checkpoint_name(step: int) -> str:
@@ -75,7 +84,10 @@ def architecture(vae_config) -> dict:
 def check_compatible(checkpoint: Path, vae_config, filename: str = "vae_config.json") -> None:
     """Refuse to resume a checkpoint into a model of another architecture, naming the keys
     (``filename``: where the checkpoint keeps its model config)."""
-    saved = json.loads((checkpoint / filename).read_text())
+    try:
+        saved = json.loads((checkpoint / filename).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot resume from {checkpoint}: {filename} is unreadable ({exc})") from exc
     now = architecture(vae_config)
     saved = {k: v for k, v in saved.items() if k not in _IGNORED_KEYS}
     # JSON turns tuples into lists; compare in that form.
@@ -87,3 +99,74 @@ def check_compatible(checkpoint: Path, vae_config, filename: str = "vae_config.j
             f"cannot resume from {checkpoint}: the model configuration changed ({details}). "
             "Resume with the model settings of that run, or start a new output_dir."
         )
+
+
+# ------------------------------------------------------------------ our own training state
+# accelerate's register_for_checkpointing pickles such objects and unpickles them on resume with
+# torch.load(weights_only=False), i.e. a checkpoint could run code. Ours are written as JSON
+# (numbers, strings) + safetensors (tensors) instead, and read back without any unpickling.
+STATE_JSON = "train_state.json"
+STATE_TENSORS = "train_state.safetensors"
+_TENSOR, _TENSORS = "__tensor__", "__tensors__"
+
+
+def save_objects(folder: Path, objects: dict) -> None:
+    """Write ``{name: obj}``'s ``obj.state_dict()`` into ``folder`` (tensors, lists of tensors
+    and JSON values only)."""
+    entries, tensors = {}, {}
+    for name, obj in objects.items():
+        entry = {}
+        for key, value in obj.state_dict().items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{name}.{key}"] = value.detach().cpu().contiguous()
+                entry[key] = {_TENSOR: f"{name}.{key}"}
+            elif isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value):
+                names = [f"{name}.{key}.{i}" for i in range(len(value))]
+                tensors.update({n: v.detach().cpu().contiguous() for n, v in zip(names, value)})
+                entry[key] = {_TENSORS: names}
+            else:
+                entry[key] = value
+        entries[name] = entry
+    (folder / STATE_JSON).write_text(json.dumps(entries, indent=1))
+    save_file(tensors, str(folder / STATE_TENSORS))
+
+
+def load_objects(folder: Path, objects: dict) -> None:
+    """Restore what :func:`save_objects` wrote into the same named objects."""
+    try:
+        entries = json.loads((folder / STATE_JSON).read_text())
+        tensors = load_file(str(folder / STATE_TENSORS))
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise ValueError(f"cannot resume from {folder}: its training state is unreadable ({exc})") from exc
+    for name, obj in objects.items():
+        if name not in entries:
+            raise ValueError(f"cannot resume from {folder}: {STATE_JSON} has no {name!r} state")
+        state = {}
+        for key, value in entries[name].items():
+            if isinstance(value, dict) and _TENSOR in value:
+                value = tensors[value[_TENSOR]]
+            elif isinstance(value, dict) and _TENSORS in value:
+                value = [tensors[n] for n in value[_TENSORS]]
+            state[key] = value
+        obj.load_state_dict(state)
+
+
+def load_accelerate_state(accelerator, folder: Path) -> None:
+    """``accelerator.load_state`` with each pickle-based file first checked on its own, so a
+    failure names the file. accelerate reads them with ``torch.load(weights_only=True)`` (plain
+    tensors and numbers only: a file that would run code is refused) but only *logs* a failure
+    to read the random states and resumes with other RNG states, i.e. not exactly."""
+    from accelerate.utils import load as weights_only_load
+
+    pickled = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt"))
+    pickled.append(folder / f"random_states_{accelerator.process_index}.pkl")
+    for file in pickled:
+        try:
+            weights_only_load(file, map_location="cpu")
+        except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(
+                f"cannot resume from {folder}: {file.name} is unreadable or holds more than plain "
+                f"tensors and numbers (not unpickled, as that could run code): {first_line}"
+            ) from exc
+    accelerator.load_state(str(folder))

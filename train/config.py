@@ -87,6 +87,8 @@ class TrainConfig:
     val_every: int = 500
     scale_samples: int = 32  # training crops used to measure the scaling factor at export
     resume: bool = False  # continue from the latest checkpoint in output_dir
+    max_nonfinite_steps: int = 5  # skip steps with an inf/NaN loss; stop after this many in a row
+    deterministic: bool = False  # deterministic GPU kernels (slower); CPU runs are always repeatable
 
 
 # ------------------------------------------------------------------------- loading
@@ -200,7 +202,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"data.val_crop must be a multiple of 8 (or 0), got {cfg.data.val_crop}")
     if not cfg.data.train:
         raise ValueError("data.train is empty: set it to an image folder, e.g. --set data.train=DIR")
-    for key in ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "keep_checkpoints"):
+    for key in ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "keep_checkpoints",
+                "max_nonfinite_steps"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
     if len(cfg.optim.betas) != 2:

@@ -166,9 +166,10 @@ def _train(cfg: LDMConfig) -> Path:
     if ema is not None:
         ema.to(accelerator.device)
     state = TrainState()
-    accelerator.register_for_checkpointing(state, *([ema] if ema is not None else []))
+    own_state = {"train": state, **({"ema": ema} if ema is not None else {})}  # saved without pickle
     if resume_from:
-        accelerator.load_state(str(resume_from))
+        ckpt.load_accelerate_state(accelerator, resume_from)
+        ckpt.load_objects(resume_from, own_state)
         if is_main:
             print(f"resumed from {resume_from} at step {state.step}")
 
@@ -220,8 +221,12 @@ def _train(cfg: LDMConfig) -> Path:
     def save_checkpoint() -> Path:
         name = ckpt.checkpoint_name(state.step)
         tmp = ckpt_dir / f"{name}.tmp"
+        if is_main and tmp.exists():  # left by a run killed while saving this very step
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
         if is_main:
+            ckpt.save_objects(tmp, own_state)
             save_config(cfg, tmp / "config.yaml")
             (tmp / "unet_config.json").write_text(json.dumps(ckpt.architecture(raw.config), indent=2))
             export(tmp / "pipeline")

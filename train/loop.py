@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from . import checkpoints as ckpt
 from .config import TrainConfig, save_config, to_dict, validate
 from .data import CropDataset, EpochSampler, collate, gather_files, load_validation_images
 from .discriminator import PatchDiscriminator
+from .guards import NonFiniteGuard, StopSignals
 from .losses import GeneratorLoss, disc_factor, discriminator_loss
 
 
@@ -55,8 +58,16 @@ class Autoencoder(nn.Module):
         return recon, posterior
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the run after saving a checkpoint (``.checkpoint``)."""
+
+    def __init__(self, message: str, checkpoint: Path):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
 class TrainState:
-    """Counters saved with every checkpoint (registered with accelerate)."""
+    """Counters saved with every checkpoint (see ``checkpoints.save_objects``)."""
 
     def __init__(self):
         self.step = 0
@@ -99,9 +110,11 @@ def learning_rate(cfg: TrainConfig, step: int, base: float) -> float:
 
 def train(cfg: TrainConfig) -> Path:
     """Train according to ``cfg``; returns the exported codec folder (``output_dir/codec``)."""
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
         return _train(cfg)
     finally:
+        torch.use_deterministic_algorithms(deterministic_before)
         # accelerate keeps its state in a process-wide singleton that refuses a second
         # Accelerator with other settings (e.g. another mixed_precision); clear it so train()
         # can run again in the same process (tests, notebooks, benchmarks).
@@ -123,7 +136,10 @@ def _train(cfg: TrainConfig) -> Path:
         log_with="tensorboard",
         project_dir=str(out),
     )
-    set_seed(cfg.seed)
+    if cfg.deterministic:
+        # cuBLAS needs this workspace setting for reproducible matmuls (read at CUDA init).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    set_seed(cfg.seed, deterministic=cfg.deterministic)
     is_main = accelerator.is_main_process
 
     resume_from = ckpt.latest_checkpoint(ckpt_dir) if cfg.resume else None
@@ -192,11 +208,12 @@ def _train(cfg: TrainConfig) -> Path:
     if ema is not None:
         ema.to(accelerator.device)
     state = TrainState()
-    accelerator.register_for_checkpointing(state, gen_loss.logvar_state)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps)
+    own_state = {"train": state, "nonfinite": guard, "logvar": gen_loss.logvar_state,
+                 **({"ema": ema} if ema is not None else {})}
     if resume_from:
-        accelerator.load_state(str(resume_from))
+        ckpt.load_accelerate_state(accelerator, resume_from)
+        ckpt.load_objects(resume_from, own_state)
         accelerator.step = 0  # we always resume at an optimiser-step boundary
         if is_main:
             print(f"resumed from {resume_from} at step {state.step}")
@@ -205,6 +222,7 @@ def _train(cfg: TrainConfig) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         accelerator.init_trackers("tensorboard", config=_flat_scalars(to_dict(cfg)))
+        _truncate_log(out / TRAIN_LOG, state.step)  # drop steps a killed run logged after its checkpoint
         print(
             f"training {cfg.model.init_from or cfg.model.preset}: {count_parameters(raw_vae) / 1e6:.2f} M "
             f"parameters ({sum(p.numel() for p in trainable) / 1e6:.2f} M trained), "
@@ -225,8 +243,12 @@ def _train(cfg: TrainConfig) -> Path:
         """All processes call this (accelerate writes per-process RNG states)."""
         name = ckpt.checkpoint_name(state.step)
         tmp = ckpt_dir / f"{name}.tmp"
+        if is_main and tmp.exists():  # left by a run killed while saving this very step
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
         if is_main:
+            ckpt.save_objects(tmp, own_state)
             save_config(cfg, tmp / "config.yaml")
             (tmp / "vae_config.json").write_text(json.dumps(ckpt.architecture(raw_vae.config), indent=2))
             export_codec(tmp / "codec")
@@ -292,72 +314,103 @@ def _train(cfg: TrainConfig) -> Path:
         # Its own generator: creating an iterator draws a worker seed, which must not come
         # from the global RNG (a resumed run creates its iterator at a different moment).
         generator=torch.Generator().manual_seed(cfg.seed + state.step),
+        worker_init_fn=_ignore_stop_signals,
     )
-    stop = False
-    for batch in loader:
-        _record_skipped(state, batch["skipped"], is_main)
-        x = batch["pixels"].to(accelerator.device, non_blocking=True)
-        if accelerator.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with accelerator.accumulate(model, *([disc] if disc is not None else [])):
-            # -- generator phase
-            with accelerator.autocast():
-                recon, posterior = model(x)
-                # The discriminator judges x̂ here with its own weights frozen: its plain
-                # module is used because no discriminator gradient may be produced now.
-                with _frozen(raw_disc):
-                    loss, logs = gen_loss(x, recon, posterior, state.step, raw_disc, last_layer)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                if cfg.loss.learn_logvar and accelerator.num_processes > 1:
-                    gen_loss.logvar.grad = accelerator.reduce(gen_loss.logvar.grad, "mean")
-                if cfg.optim.max_grad_norm > 0 or (state.step + 1) % cfg.log_every == 0:
-                    logs["grad_norm"] = _clip(accelerator, trainable, cfg.optim.max_grad_norm)
-                _set_lr(opt_g, learning_rate(cfg, state.step, base_lr))
-            opt_g.step()
-            opt_g.zero_grad(set_to_none=True)
-
-            # -- discriminator phase (only once it is switched on)
-            factor = disc_factor(cfg.loss, state.step)
-            if disc is not None and factor > 0:
+    stop = interrupted = None
+    nonfinite = False  # any micro-batch of the current optimiser step
+    signals = StopSignals().__enter__()
+    try:
+        for batch in loader:
+            _record_skipped(state, batch["skipped"], is_main)
+            x = batch["pixels"].to(accelerator.device, non_blocking=True)
+            if accelerator.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with accelerator.accumulate(model, *([disc] if disc is not None else [])):
+                # -- generator phase
                 with accelerator.autocast():
-                    d_loss, d_logs = discriminator_loss(disc, x, recon, factor)
-                accelerator.backward(d_loss)
+                    recon, posterior = model(x)
+                    # The discriminator judges x̂ here with its own weights frozen: its plain
+                    # module is used because no discriminator gradient may be produced now.
+                    with _frozen(raw_disc):
+                        loss, logs = gen_loss(x, recon, posterior, state.step, raw_disc, last_layer)
+                accelerator.backward(loss)
+                nonfinite |= not math.isfinite(logs["loss"])
+
+                # -- discriminator phase (only once it is switched on)
+                factor = disc_factor(cfg.loss, state.step)
+                disc_on = disc is not None and factor > 0
+                if disc_on:
+                    with accelerator.autocast():
+                        d_loss, d_logs = discriminator_loss(disc, x, recon, factor)
+                    accelerator.backward(d_loss)
+                    nonfinite |= not math.isfinite(d_logs["d_loss"])
+                    logs.update(d_logs)
+
                 if accelerator.sync_gradients:
-                    if cfg.optim.max_grad_norm > 0:
-                        _clip(accelerator, list(disc.parameters()), cfg.optim.max_grad_norm)
-                    _set_lr(opt_d, learning_rate(cfg, state.step, base_disc_lr))
-                opt_d.step()
-                opt_d.zero_grad(set_to_none=True)
-                logs.update(d_logs)
+                    over_time = cfg.max_minutes > 0 and time.monotonic() - start > cfg.max_minutes * 60
+                    # One collective per step: every rank skips, stops or is interrupted together.
+                    nonfinite, over_time, signalled = _agree(
+                        accelerator, nonfinite, over_time, signals.requested is not None)
+                    latest = ckpt.latest_checkpoint(ckpt_dir)
+                    if not guard.update(not nonfinite, state.step, logs, latest and str(latest)):
+                        if cfg.loss.learn_logvar and accelerator.num_processes > 1:
+                            gen_loss.logvar.grad = accelerator.reduce(gen_loss.logvar.grad, "mean")
+                        if cfg.optim.max_grad_norm > 0 or (state.step + 1) % cfg.log_every == 0:
+                            logs["grad_norm"] = _clip(accelerator, trainable, cfg.optim.max_grad_norm)
+                        _set_lr(opt_g, learning_rate(cfg, state.step, base_lr))
+                        opt_g.step()
+                        if disc_on:
+                            if cfg.optim.max_grad_norm > 0:
+                                _clip(accelerator, list(disc.parameters()), cfg.optim.max_grad_norm)
+                            _set_lr(opt_d, learning_rate(cfg, state.step, base_disc_lr))
+                            opt_d.step()
+                        if ema is not None:
+                            ema.step(raw_vae.parameters())
+                    elif is_main:
+                        tqdm.write(f"step {state.step}: non-finite loss, step skipped "
+                                   f"({guard.in_a_row} in a row, {guard.total} in this run)")
+                    opt_g.zero_grad(set_to_none=True)
+                    if opt_d is not None:
+                        opt_d.zero_grad(set_to_none=True)
+                    nonfinite = False
 
-        if not accelerator.sync_gradients:
-            continue
-        if not math.isfinite(logs["loss"]):
-            raise FloatingPointError(f"non-finite loss at step {state.step}: {logs}")
-        if ema is not None:
-            ema.step(raw_vae.parameters())
-        state.step += 1
-        progress.update(1)
-        if state.step % cfg.log_every == 0 or state.step == 1:
-            logs["lr"] = opt_g.param_groups[0]["lr"]
-            accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=state.step)
-            progress.set_postfix(loss=f"{logs['loss']:.4g}", rec=f"{logs['rec']:.4f}")
-        if is_main and cfg.image_every and state.step % cfg.image_every == 0:
-            grid = make_grid_image([x[:4].detach(), recon[:4].detach().float()],
-                                   out / "samples" / f"train_{state.step:08d}.png")
-            _log_image(accelerator, "train/reconstruction", grid, state.step)
-        if is_main and len(val_images) and state.step % cfg.val_every == 0:
-            validate_now()
-        if cfg.max_minutes > 0:
-            over = torch.tensor(float(time.monotonic() - start > cfg.max_minutes * 60), device=accelerator.device)
-            stop = bool(accelerator.reduce(over, "max").item())  # every rank stops together
-        done = state.step >= cfg.max_steps or stop
-        if state.step % cfg.checkpoint_every == 0 and not done:
-            save_checkpoint()
-        if done:
-            break
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            progress.update(1)
+            if state.step % cfg.log_every == 0 or state.step == 1:
+                logs["lr"] = opt_g.param_groups[0]["lr"]
+                logs["nonfinite_steps"] = guard.total
+                accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=state.step)
+                progress.set_postfix(loss=f"{logs['loss']:.4g}", rec=f"{logs['rec']:.4f}")
+                if is_main:
+                    with open(out / TRAIN_LOG, "a") as log:
+                        log.write(json.dumps({"step": state.step, **logs}) + "\n")
+            if is_main and cfg.image_every and state.step % cfg.image_every == 0:
+                grid = make_grid_image([x[:4].detach(), recon[:4].detach().float()],
+                                       out / "samples" / f"train_{state.step:08d}.png")
+                _log_image(accelerator, "train/reconstruction", grid, state.step)
+            if is_main and len(val_images) and state.step % cfg.val_every == 0:
+                validate_now()
+            stop = state.step >= cfg.max_steps or over_time
+            if signalled and not stop:  # a run that just finished simply finishes
+                interrupted = signals.requested or "a signal to another process"
+            if interrupted or (state.step % cfg.checkpoint_every == 0 and not stop):
+                save_checkpoint()
+            if stop or interrupted:
+                break
+    finally:
+        signals.__exit__(None, None, None)
 
+    progress.close()
+    if interrupted:
+        accelerator.end_training()
+        last = ckpt_dir / ckpt.checkpoint_name(state.step)
+        message = (f"interrupted ({interrupted}) at step {state.step}: checkpoint {last} saved; "
+                   f"continue with --set resume=true")
+        if is_main:
+            print(message)
+        raise TrainingInterrupted(message, last)
     progress.close()
     final = ckpt_dir / ckpt.checkpoint_name(state.step)
     if not (final / ckpt.COMPLETE).exists():
@@ -380,6 +433,31 @@ def _train(cfg: TrainConfig) -> Path:
 
 
 # ------------------------------------------------------------------------- small helpers
+TRAIN_LOG = "train_log.jsonl"  # one JSON line per logged step: loss terms, lr, grad norm
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Ctrl-C reaches every process of the terminal's group: the loader's workers leave the
+    signal to the main process, which finishes the step and saves, instead of dying under it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _agree(accelerator: Accelerator, *flags: bool) -> list[bool]:
+    """Each flag true on any process -> true on all (one all-reduce; free on one process)."""
+    if accelerator.num_processes == 1:
+        return [bool(f) for f in flags]
+    t = torch.tensor([float(f) for f in flags], device=accelerator.device)
+    return [bool(v) for v in accelerator.reduce(t, "max").tolist()]
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(kept))
+
+
 def _clip(accelerator: Accelerator, params: list, max_norm: float) -> float:
     """Clip when ``max_norm`` > 0; returns the gradient norm before clipping (for the logs)."""
     if max_norm > 0:

@@ -1,0 +1,91 @@
+"""Real subprocesses killed the hard way: SIGKILL during a checkpoint save and during a step,
+then Ctrl-C (SIGINT to the whole process group, as a terminal sends it). Every resume must
+continue from the last complete checkpoint and end with the weights of an uninterrupted run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from train.__main__ import main
+from train.checkpoints import COMPLETE, latest_checkpoint
+
+from conftest import REPO
+from test_train import args
+
+pytestmark = pytest.mark.slow
+
+QUIET = ["loss.perceptual_weight=0", "loss.disc_weight=0", "checkpoint_every=4", "keep_checkpoints=10",
+         "image_every=0"]
+
+
+def start(out, data, *extra):
+    # One loader worker: Ctrl-C reaches it too, and must not break the run.
+    cmd = [sys.executable, "-m", "train",
+           *args(out, data, "max_steps=100000", "data.num_workers=1", *QUIET, *extra)]
+    # A session of its own, so a signal can go to the whole group like a terminal's Ctrl-C.
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def wait_for(condition, proc, timeout=240.0, poll=0.002):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early ({proc.returncode}):\n{proc.stdout.read()}")
+        time.sleep(poll)
+    proc.kill()
+    raise AssertionError("timed out waiting for the training subprocess")
+
+
+def complete(ckpts, step):
+    return lambda: (ckpts / f"step_{step:08d}" / COMPLETE).exists()
+
+
+def test_sigkill_and_ctrl_c_resume_to_the_uninterrupted_result(tmp_path, image_folder):
+    ckpts = tmp_path / "run" / "checkpoints"
+
+    # 1. SIGKILL while the step-8 checkpoint is being written.
+    proc = start(tmp_path / "run", image_folder)
+    wait_for(complete(ckpts, 4), proc)
+    wait_for(lambda: (ckpts / "step_00000008.tmp").exists(), proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert latest_checkpoint(ckpts).name == "step_00000004"
+    assert not (ckpts / "step_00000008").exists()
+
+    # 2. Resume; SIGKILL in the middle of training steps, between two checkpoints.
+    proc = start(tmp_path / "run", image_folder, "resume=true")
+    wait_for(complete(ckpts, 8), proc)
+    wait_for(lambda: not list(ckpts.glob("*.tmp")), proc)
+    time.sleep(0.3)  # a step takes ~0.1 s here: we are mid-step or between steps, not saving
+    assert not list(ckpts.glob("*.tmp"))
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert latest_checkpoint(ckpts).name == "step_00000008"
+
+    # 3. Resume; Ctrl-C saves a checkpoint where it stands and exits with 130.
+    proc = start(tmp_path / "run", image_folder, "resume=true")
+    wait_for(complete(ckpts, 12), proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert "interrupted (SIGINT)" in output and "resume=true" in output
+    last = latest_checkpoint(ckpts)
+    assert last.name >= "step_00000012"
+    assert not list(ckpts.glob("*.tmp"))
+    steps = int(last.name.split("_")[1])
+
+    # 4. Finish in-process at steps + 2 and compare with a run that was never interrupted.
+    assert main(args(tmp_path / "run", image_folder, f"max_steps={steps + 2}", *QUIET, "resume=true")) == 0
+    assert main(args(tmp_path / "straight", image_folder, f"max_steps={steps + 2}", *QUIET)) == 0
+    a = load_file(tmp_path / "run" / "codec" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "straight" / "codec" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
