@@ -1,6 +1,7 @@
 """``python -m train.ldm CONFIG [--set a.b=c ...]``: a latent diffusion model on our latents.
 
-Trains a diffusers ``UNet2DModel`` with a ``DDPMScheduler`` (epsilon or v prediction) on a
+Trains a diffusers ``UNet2DModel`` with a ``DDPMScheduler`` (epsilon or v prediction) or
+flow matching (``objective: flow``, ``FlowMatchEulerDiscreteScheduler``) on a
 :class:`codec.LatentDataset` written by ``vae-codec compress``, under accelerate (also
 ``accelerate launch -m train.ldm``), then samples latents with DDIM and decodes them with the
 codec that made the latents into an image grid.
@@ -81,8 +82,10 @@ def build_unet(cfg: LDMConfig, shape: tuple[int, ...]):
 
 
 def build_scheduler(cfg: LDMConfig):
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
+    if cfg.objective == "flow":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.num_train_timesteps, shift=1.0)
     # clip_sample off: it clips predicted x0 to [-1, 1], right for pixels, wrong for latents.
     return DDPMScheduler(
         num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
@@ -92,16 +95,19 @@ def build_scheduler(cfg: LDMConfig):
 
 @torch.no_grad()
 def sample_latents(unet, scheduler_config, count: int, steps: int, generator: torch.Generator) -> torch.Tensor:
-    """DDIM sampling from N(0, I): (count, C, h, w) latents in the codec's scaled units."""
-    from diffusers import DDIMScheduler
+    """Sampling from N(0, I): (count, C, h, w) latents in the codec's scaled units. DDIM for a
+    DDPM-trained model, Euler steps for a flow-matching one (``scheduler_config`` says which)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-    scheduler = DDIMScheduler.from_config(scheduler_config)
+    flow = scheduler_config["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+    scheduler = (FlowMatchEulerDiscreteScheduler if flow else DDIMScheduler).from_config(scheduler_config)
     scheduler.set_timesteps(steps)
     device = next(unet.parameters()).device
     shape = (count, unet.config.in_channels, *unet.config.sample_size)
-    x = torch.randn(shape, generator=generator).to(device) * scheduler.init_noise_sigma
+    x = torch.randn(shape, generator=generator).to(device)
     for t in scheduler.timesteps:
-        out = unet(scheduler.scale_model_input(x, t), t).sample
+        model_input = x if flow else scheduler.scale_model_input(x, t)
+        out = unet(model_input, t.to(device)).sample
         x = scheduler.step(out, t, x).prev_sample
     return x.float().cpu()
 
@@ -249,9 +255,14 @@ def _train(cfg: LDMConfig) -> Path:
     for x0 in loader:
         x0 = x0.to(accelerator.device, non_blocking=True)
         noise = torch.randn_like(x0)
-        t = torch.randint(0, T, (x0.shape[0],), device=x0.device)
-        noisy = noise_scheduler.add_noise(x0, noise, t)
-        target = noise if cfg.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, t)
+        if cfg.objective == "flow":  # rectified flow: x_t = (1 - s) x0 + s noise, predict noise - x0
+            sigma = torch.rand(x0.shape[0], device=x0.device)
+            s4 = sigma.view(-1, 1, 1, 1)
+            noisy, target, t = (1 - s4) * x0 + s4 * noise, noise - x0, sigma * T
+        else:
+            t = torch.randint(0, T, (x0.shape[0],), device=x0.device)
+            noisy = noise_scheduler.add_noise(x0, noise, t)
+            target = noise if cfg.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, t)
         with accelerator.autocast():
             pred = unet(noisy, t).sample
         loss = F.mse_loss(pred.float(), target.float())

@@ -43,8 +43,9 @@ class LDMConfig:
     ema_decay: float = 0.9999  # 0 disables EMA; samples and the exported UNet use EMA weights
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"  # DDPMScheduler's beta_schedule
-    prediction_type: str = "epsilon"  # "epsilon" or "v_prediction"
-    sample_steps: int = 50  # DDIM steps when sampling
+    objective: str = "ddpm"  # "ddpm" (DDPMScheduler, DDIM sampling) or "flow" (rectified flow, Euler)
+    prediction_type: str = "epsilon"  # with ddpm: "epsilon" or "v_prediction"
+    sample_steps: int = 50  # DDIM (ddpm) or Euler (flow) steps when sampling
     num_samples: int = 16  # images in each sample grid
     sample_every: int = 5000  # 0: only at the end
     checkpoint_every: int = 5000
@@ -59,6 +60,7 @@ def load_ldm_config(path=None, overrides=()) -> LDMConfig:
 
 def validate_ldm(cfg: LDMConfig) -> None:
     choices = {
+        "objective": (cfg.objective, ("ddpm", "flow")),
         "prediction_type": (cfg.prediction_type, ("epsilon", "v_prediction")),
         "mixed_precision": (cfg.mixed_precision, ("auto", "bf16", "fp16", "no")),
     }
