@@ -65,7 +65,7 @@ def test_trains_samples_and_exports_a_pipeline(run):
     # The export is a diffusers pipeline folder; our sampler draws latents of the data's shape.
     pipe = DDPMPipeline.from_pretrained(run / "pipeline")
     assert isinstance(pipe.unet, UNet2DModel) and not pipe.scheduler.config.clip_sample
-    x = sample_latents(pipe.unet, pipe.scheduler.config, 2, 3, torch.Generator().manual_seed(0))
+    x = sample_latents(pipe.unet, pipe.scheduler, 2, 3, torch.Generator().manual_seed(0))
     assert x.shape == (2, 4, 4, 4) and torch.isfinite(x).all()
 
 
@@ -90,7 +90,7 @@ def test_flow_matching_objective(latents, tmp_path):
             sigma = t / 1000
             return type("Out", (), {"sample": (x - (1 - sigma) * c) / sigma - c})()
 
-    x = sample_latents(Oracle(), pipe.scheduler.config, 2, 7, torch.Generator().manual_seed(0))
+    x = sample_latents(Oracle(), pipe.scheduler, 2, 7, torch.Generator().manual_seed(0))
     assert torch.allclose(x, torch.full_like(x, c), atol=1e-4)
 
 

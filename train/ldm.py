@@ -94,13 +94,14 @@ def build_scheduler(cfg: LDMConfig):
 
 
 @torch.no_grad()
-def sample_latents(unet, scheduler_config, count: int, steps: int, generator: torch.Generator) -> torch.Tensor:
+def sample_latents(unet, train_scheduler, count: int, steps: int, generator: torch.Generator) -> torch.Tensor:
     """Sampling from N(0, I): (count, C, h, w) latents in the codec's scaled units. DDIM for a
-    DDPM-trained model, Euler steps for a flow-matching one (``scheduler_config`` says which)."""
+    DDPM-trained model, Euler steps for a flow-matching one (``train_scheduler``, the run's
+    scheduler or ``DDPMPipeline.from_pretrained(...).scheduler``, says which)."""
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-    flow = scheduler_config["_class_name"] == "FlowMatchEulerDiscreteScheduler"
-    scheduler = (FlowMatchEulerDiscreteScheduler if flow else DDIMScheduler).from_config(scheduler_config)
+    flow = isinstance(train_scheduler, FlowMatchEulerDiscreteScheduler)
+    scheduler = (FlowMatchEulerDiscreteScheduler if flow else DDIMScheduler).from_config(train_scheduler.config)
     scheduler.set_timesteps(steps)
     device = next(unet.parameters()).device
     shape = (count, unet.config.in_channels, *unet.config.sample_size)
@@ -206,7 +207,7 @@ def _train(cfg: LDMConfig) -> Path:
     def samples() -> Path:
         with ema_weights():
             raw.eval()
-            latents = sample_latents(raw, noise_scheduler.config, cfg.num_samples, cfg.sample_steps,
+            latents = sample_latents(raw, noise_scheduler, cfg.num_samples, cfg.sample_steps,
                                      torch.Generator().manual_seed(cfg.seed))
             raw.train()
         images = codec.decode(latents)
