@@ -16,13 +16,14 @@ from safetensors.torch import load_file, save_file
 
 from .codec import Codec
 from .images import ImageLoadError, list_images, load_image, pil_to_tensor, save_image
+from .single_file import is_single_file, save_single_file
 
 
 # ------------------------------------------------------------------------- export
 def find_codec_folder(source: Path) -> Path:
     """A training run, one checkpoint, or a codec folder -> the diffusers folder to export."""
-    if (source / "config.json").exists():
-        return source  # already a codec folder
+    if (source / "config.json").exists() or is_single_file(source):
+        return source  # already a codec folder or a single-file checkpoint
     if (source / "codec" / "config.json").exists() and (source / "COMPLETE").exists():
         return source / "codec"  # one checkpoint
     ckpts = source / "checkpoints"
@@ -39,7 +40,10 @@ def find_codec_folder(source: Path) -> Path:
 def cmd_export(args) -> int:
     src = find_codec_folder(Path(args.source))
     out = Path(args.output)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
+    single = args.format == "single-file"
+    if single and out.suffix != ".safetensors":
+        raise ValueError(f"{out}: --format single-file writes one .safetensors file; name it *.safetensors")
+    if out.exists() and (out.is_file() or any(out.iterdir())) and not args.overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
     codec = Codec.from_pretrained(src, device="cpu")
     if args.data:
@@ -50,9 +54,13 @@ def cmd_export(args) -> int:
         codec.set_factors(factors["scaling_factor"])
         codec.meta["latent_stats"] = factors
         print(f"measured scaling_factor {factors['scaling_factor']:.5f} on {factors['num_images']} images")
-    if out.exists():
+    if out.is_dir():
         shutil.rmtree(out)
-    codec.save_pretrained(out, meta={"exported_from": str(src)})
+    if single:
+        codec.meta["exported_from"] = str(src)
+        save_single_file(codec.vae, out, meta=codec.meta)
+    else:
+        codec.save_pretrained(out, meta={"exported_from": str(src)})
     print(f"exported {src} -> {out} (scaling_factor {codec.scaling_factor:.5f})")
     return 0
 
@@ -118,13 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vae-codec", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("export", help="training run / checkpoint -> diffusers AutoencoderKL folder")
-    p.add_argument("source", help="a run folder (uses its latest checkpoint), a checkpoint, or a codec")
+    p = sub.add_parser("export", help="training run / checkpoint -> diffusers folder or single file")
+    p.add_argument("source", help="a run folder (uses its latest checkpoint), a checkpoint, a codec "
+                   "folder or a single-file .safetensors")
     p.add_argument("output")
     p.add_argument("--data", help="images to re-measure scaling_factor on (default: keep the run's)")
     p.add_argument("--samples", type=int, default=64, help="images used with --data")
     p.add_argument("--resolution", type=int, default=256, help="centre crop used with --data")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--format", choices=["diffusers", "single-file"], default="diffusers",
+        help="a diffusers folder, or one .safetensors in the CompVis/LDM layout (ComfyUI, A1111)",
+    )
     p.set_defaults(func=cmd_export)
 
     def codec_args(p):  # shared by every subcommand that loads a codec

@@ -1,7 +1,7 @@
 """``Codec``: a diffusers ``AutoencoderKL`` used as an image <-> latent codec.
 
 Latents are returned the way diffusion models consume them, exactly as diffusers pipelines
-compute them::
+compute them (:mod:`codec.factors`; with per-channel ``latents_mean``/``latents_std`` unset)::
 
     latents = (z - shift_factor) * scaling_factor        # after encoding
     z       = latents / scaling_factor + shift_factor     # before decoding
@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
+from . import single_file
+from .factors import scale_latents, unscale_latents
 from .images import tensor_to_pil, to_batch
 from .models import load_autoencoder
 
@@ -70,7 +72,11 @@ class Codec:
     # ------------------------------------------------------------------ loading and saving
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "Codec":
-        """Load one of our exports or any diffusers AutoencoderKL folder (or pipeline folder)."""
+        """Load one of our exports, any diffusers AutoencoderKL folder (or pipeline folder), or a
+        single-file ``.safetensors`` in the CompVis/LDM layout (e.g. a downloaded SD VAE)."""
+        if single_file.is_single_file(path):
+            vae, meta = single_file.load_single_file(path)
+            return cls(vae, meta=meta, **kwargs)
         vae = load_autoencoder(path)
         meta_path = Path(path) / META_FILE
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
@@ -100,9 +106,18 @@ class Codec:
         # diffusers stores None when a VAE has no shift; pipelines then skip the subtraction.
         return float(self.vae.config.shift_factor or 0.0)
 
-    def set_factors(self, scaling_factor: float, shift_factor: float | None = None) -> None:
+    def set_factors(
+        self,
+        scaling_factor: float,
+        shift_factor: float | None = None,
+        latents_mean: list[float] | None = None,
+        latents_std: list[float] | None = None,
+    ) -> None:
+        """Set the factors diffusers pipelines apply (see :mod:`codec.factors`)."""
         self.vae.register_to_config(scaling_factor=float(scaling_factor))
         self.vae.register_to_config(shift_factor=None if shift_factor is None else float(shift_factor))
+        for key, value in (("latents_mean", latents_mean), ("latents_std", latents_std)):
+            self.vae.register_to_config(**{key: None if value is None else [float(v) for v in value]})
 
     # ------------------------------------------------------------------ encode / decode
     def _prepare(self, images, pad: bool) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -158,7 +173,7 @@ class Codec:
         if sample:
             noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
             z = mean + torch.exp(0.5 * logvar) * noise
-        return (z - self.shift_factor) * self.scaling_factor
+        return scale_latents(z, self.vae.config)
 
     @torch.no_grad()
     def decode(
@@ -173,7 +188,7 @@ class Codec:
         self._check_latents_shape(latents)
         if latents.ndim in (1, 3):
             latents = latents[None]
-        z = latents.float() / self.scaling_factor + self.shift_factor
+        z = unscale_latents(latents.float(), self.vae.config)
         out = torch.cat([self.vae.decode(c).sample.float().cpu() for c in self._batches(z)])
         if out.shape[1] == 1:
             out = out.expand(-1, 3, -1, -1)  # greyscale models (MLPVAE on MNIST) decode to RGB images
@@ -212,16 +227,21 @@ class Codec:
         ``batches`` is an iterable of image batches (anything :meth:`encode` accepts). The
         statistics are over *posterior samples* of the unscaled latents, since samples are what
         a diffusion model trained on this codec sees. Returns ``{"std", "mean",
-        "scaling_factor", "num_images"}``; apply with :meth:`set_factors`.
+        "scaling_factor", "num_images", "channel_mean", "channel_std"}`` (the last two per
+        latent channel, for ``latents_mean``/``latents_std``); apply with :meth:`set_factors`.
         """
         total = total_sq = 0.0
         count = images = 0
+        ch_sum = ch_sq = 0.0
         for batch in batches:
             mean, logvar = self.posterior(batch)
             z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
             z = z.double()
             total += z.sum().item()
             total_sq += z.pow(2).sum().item()
+            per_channel = (0, *range(2, z.ndim))  # (B, C, h, w) or the MLP's flat (B, C)
+            ch_sum = ch_sum + z.sum(dim=per_channel)
+            ch_sq = ch_sq + z.pow(2).sum(dim=per_channel)
             count += z.numel()
             images += z.shape[0]
         if count == 0:
@@ -230,4 +250,8 @@ class Codec:
         std = max(total_sq / count - mu * mu, 0.0) ** 0.5
         if std == 0.0:
             raise ValueError("latents have zero variance; cannot derive a scaling factor")
-        return {"std": std, "mean": mu, "scaling_factor": 1.0 / std, "num_images": images}
+        per = count / z.shape[1]
+        ch_mean = ch_sum / per
+        ch_std = (ch_sq / per - ch_mean**2).clamp(min=0).sqrt()
+        return {"std": std, "mean": mu, "scaling_factor": 1.0 / std, "num_images": images,
+                "channel_mean": ch_mean.tolist(), "channel_std": ch_std.tolist()}

@@ -39,9 +39,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .codec import DOWNSAMPLE, Codec
+from .factors import scale_latents, scale_std
 from .images import IMAGE_EXTENSIONS, ImageLoadError, list_images, load_image, save_image
 from .models import load_autoencoder
 from . import shards as sh
+from . import single_file
 
 COMPRESSED_TARS = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 
@@ -187,6 +189,8 @@ def load_codec(path, device=None, dtype="fp32", batch_size=8) -> tuple[Codec, di
     vae = load_autoencoder(path).float()  # hashed in fp32 on the CPU, whatever --dtype is
     meta_path = Path(path) / "vae_codec.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    if single_file.is_single_file(path):  # metadata lives in the file's header
+        meta = json.loads(single_file.read_header(path).get(single_file.META_KEY, "{}"))
     info = {
         # Absolute when local, so decompress finds it from any folder (else a hub id).
         "path": str(Path(path).resolve()) if Path(path).exists() else str(path),
@@ -303,8 +307,9 @@ def compress(
         x = torch.stack([it["image"] for it in items]).to(codec.device)
         x = x.float().div_(127.5).sub_(1.0)
         mean, logvar = codec.posterior(x)  # (B, C, h, w) unscaled, float32 on the CPU
-        mean_s = (mean - codec.shift_factor) * codec.scaling_factor
-        std_s = torch.exp(0.5 * logvar) * codec.scaling_factor
+        # The factors exactly as Codec.encode / diffusers pipelines apply them (codec.factors).
+        mean_s = scale_latents(mean, codec.vae.config)
+        std_s = scale_std(torch.exp(0.5 * logvar), codec.vae.config)
         if store == "mean":
             return {"latents": mean_s}
         if store == "mean_std":
@@ -394,6 +399,24 @@ def compress(
 
 
 # ------------------------------------------------------------------------- decompress
+def codec_of_latents(manifest: dict, codec_path=None, **kwargs) -> Codec:
+    """The codec a compress job was made with (its recorded path unless ``codec_path``),
+    refusing any other: latents decode only with the weights and factors that made them."""
+    made_by = manifest["codec"]
+    codec, info = load_codec(codec_path or made_by["path"], **kwargs)
+    per_channel = ("latents_mean", "latents_std")
+    if (info["weights_sha256"], info["scaling_factor"], info["shift_factor"]) != (
+        made_by["weights_sha256"], made_by["scaling_factor"], made_by["shift_factor"]
+    ) or [info["config"].get(k) for k in per_channel] != [made_by["config"].get(k) for k in per_channel]:
+        raise ValueError(
+            f"{codec_path or made_by['path']} is not the codec these latents were made with "
+            f"(weights {made_by['weights_sha256'][:12]}, "
+            f"scaling_factor {made_by['scaling_factor']}); "
+            "pass that codec with --codec"
+        )
+    return codec
+
+
 def decompress(
     latents_dir, output, codec_path=None, device=None, dtype="fp32", batch_size=8
 ) -> int:
@@ -402,19 +425,7 @@ def decompress(
 
     out_dir, src = Path(output), Path(latents_dir)
     manifest = sh.load_manifest(src)
-    made_by = manifest["codec"]
-    codec, info = load_codec(
-        codec_path or made_by["path"], device=device, dtype=dtype, batch_size=batch_size
-    )
-    if (info["weights_sha256"], info["scaling_factor"], info["shift_factor"]) != (
-        made_by["weights_sha256"], made_by["scaling_factor"], made_by["shift_factor"]
-    ):
-        raise ValueError(
-            f"{codec_path or made_by['path']} is not the codec these latents were made with "
-            f"(weights {made_by['weights_sha256'][:12]}, "
-            f"scaling_factor {made_by['scaling_factor']}); "
-            "pass that codec with --codec"
-        )
+    codec = codec_of_latents(manifest, codec_path, device=device, dtype=dtype, batch_size=batch_size)
     used, count = set(), 0
     for shard in manifest["shards"]:
         with safe_open(str(src / shard["file"]), "pt") as f:
@@ -514,6 +525,9 @@ def register(sub, codec_args) -> None:
     p.add_argument("--samples", type=int, default=512, help="images used, spread over the input")
     p.add_argument("--shift", action="store_true",
                    help="also set shift_factor to the latent mean (SD3/Flux style)")
+    p.add_argument("--per-channel", action="store_true",
+                   help="set latents_mean/latents_std per channel instead (SDXL style; "
+                        "scaling_factor becomes 1)")
     p.add_argument("--output", default=None,
                    help="write the codec here instead of updating --codec in place")
     p.add_argument("--num-workers", type=int, default=_default_workers())
@@ -559,7 +573,13 @@ def cmd_decompress(args) -> int:
     return 0
 
 
+def _fmt(values) -> str:
+    return "[" + ", ".join(f"{v:.4f}" for v in values) + "]"
+
+
 def cmd_scale(args) -> int:
+    if args.shift and args.per_channel:
+        raise ValueError("--shift and --per-channel exclude each other (no pipeline applies both)")
     target = Path(args.output or args.codec)
     if args.output is None and not (target / "config.json").exists():
         raise ValueError(
@@ -574,7 +594,10 @@ def cmd_scale(args) -> int:
     stats = measure_scale(
         codec, args.input, args.resolution, args.samples, args.num_workers, args.seed
     )
-    codec.set_factors(stats["scaling_factor"], stats["mean"] if args.shift else None)
+    if args.per_channel:  # latents_mean/std carry the scale; scaling_factor 1 keeps it unit
+        codec.set_factors(1.0, None, stats["channel_mean"], stats["channel_std"])
+    else:
+        codec.set_factors(stats["scaling_factor"], stats["mean"] if args.shift else None)
     codec.meta["latent_stats"] = {k: v for k, v in stats.items() if k != "skipped"}
     # Saved beside and renamed in: the weights being overwritten may still be memory-mapped.
     tmp = target.parent / f"{target.name}{sh.TMP_MARK}scale"
@@ -584,6 +607,8 @@ def cmd_scale(args) -> int:
         os.replace(f, target / f.name)
     tmp.rmdir()
     shift = f", shift_factor {codec.shift_factor:.5f}" if args.shift else ""
+    if args.per_channel:
+        shift = f", latents_mean {_fmt(stats['channel_mean'])}, latents_std {_fmt(stats['channel_std'])}"
     print(
         f"scaling_factor {before:.5f} -> {codec.scaling_factor:.5f}{shift} (1 / std of posterior "
         f"samples over {stats['num_images']} images, {len(stats['skipped'])} unreadable); "

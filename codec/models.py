@@ -74,10 +74,15 @@ def build_autoencoder(preset: str) -> AutoencoderKL:
 def load_autoencoder(path: str | os.PathLike, subfolder: str | None = None) -> AutoencoderKL:
     """Load a diffusers ``AutoencoderKL`` folder (local path or hub id) for fine-tuning or use.
 
-    A Stable Diffusion pipeline folder works too: its VAE is found in the ``vae`` subfolder.
+    A Stable Diffusion pipeline folder works too: its VAE is found in the ``vae`` subfolder,
+    and so does a single-file ``.safetensors`` in the CompVis/LDM layout (:mod:`codec.single_file`).
     A folder whose config names ``MLPVAE`` (the vanilla VAE baseline) loads as that class.
     """
     local = Path(path)
+    if local.is_file() and local.suffix == ".safetensors":
+        from .single_file import load_single_file
+
+        return load_single_file(local)[0]
     if local.exists():
         if subfolder is None and not (local / "config.json").exists() and (local / "vae").is_dir():
             subfolder = "vae"

@@ -81,12 +81,13 @@ def architecture(vae_config) -> dict:
     return {k: v for k, v in dict(vae_config).items() if k not in _IGNORED_KEYS}
 
 
-def check_compatible(checkpoint: Path, vae_config) -> None:
-    """Refuse to resume a checkpoint into a model of another architecture, naming the keys."""
+def check_compatible(checkpoint: Path, vae_config, filename: str = "vae_config.json") -> None:
+    """Refuse to resume a checkpoint into a model of another architecture, naming the keys
+    (``filename``: where the checkpoint keeps its model config)."""
     try:
-        saved = json.loads((checkpoint / "vae_config.json").read_text())
+        saved = json.loads((checkpoint / filename).read_text())
     except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot resume from {checkpoint}: vae_config.json is unreadable ({exc})") from exc
+        raise ValueError(f"cannot resume from {checkpoint}: {filename} is unreadable ({exc})") from exc
     now = architecture(vae_config)
     saved = {k: v for k, v in saved.items() if k not in _IGNORED_KEYS}
     # JSON turns tuples into lists; compare in that form.

@@ -115,8 +115,9 @@ class TrainConfig:
 
 
 # ------------------------------------------------------------------------- loading
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """Defaults <- YAML file <- ``a.b=c`` overrides, validated against the dataclasses."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=None):
+    """Defaults <- YAML file <- ``a.b=c`` overrides, validated against the dataclasses
+    (``cls``: the top-level dataclass, :class:`TrainConfig` unless given)."""
     raw: dict = {}
     if path is not None:
         raw = yaml.safe_load(Path(path).read_text()) or {}
@@ -127,7 +128,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
         if not sep:
             raise ValueError(f"--set expects key=value, got {item!r}")
         _assign(raw, key.strip().split("."), yaml.safe_load(value))
-    return _build(TrainConfig, raw, "")
+    return _build(cls or TrainConfig, raw, "")
 
 
 def _assign(tree: dict, keys: list[str], value) -> None:
@@ -202,7 +203,7 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: TrainConfig, path: str | Path) -> None:
+def save_config(cfg, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 

@@ -1,0 +1,333 @@
+"""``python -m train.ldm CONFIG [--set a.b=c ...]``: a latent diffusion model on our latents.
+
+Trains a diffusers ``UNet2DModel`` with a ``DDPMScheduler`` (epsilon or v prediction) or
+flow matching (``objective: flow``, ``FlowMatchEulerDiscreteScheduler``) on a
+:class:`codec.LatentDataset` written by ``vae-codec compress``, under accelerate (also
+``accelerate launch -m train.ldm``), then samples latents with DDIM and decodes them with the
+codec that made the latents into an image grid.
+
+Latents are used as stored: already scaled by the codec's factors, so a good codec export
+gives them about unit variance (the start of the run prints what the data has). Shards with
+``--store mean_std`` give a fresh posterior sample ``mean + std * N(0, I)`` per item per epoch,
+seeded by (seed, item, epoch) so a resumed run sees the same samples.
+
+Output::
+
+    OUTPUT_DIR/checkpoints/step_XXXXXXXX/  accelerate state + pipeline/ (atomic, train.checkpoints)
+    OUTPUT_DIR/pipeline/                   DDPMPipeline folder: unet/ (EMA weights) + scheduler/
+    OUTPUT_DIR/samples/step_XXXXXXXX.png   decoded samples
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from codec.launch import relaunch_if_needed
+
+from .ldm_config import LDMConfig, load_ldm_config, validate_ldm
+
+
+class LatentStream(Dataset):
+    """``LatentDataset`` items keyed ``(index, epoch)`` (train.data.EpochSampler's keys)."""
+
+    def __init__(self, path, seed: int, fresh_samples: bool):
+        from codec.latent_dataset import LatentDataset
+
+        self.data = LatentDataset(path, sample=False)  # we draw the samples, reproducibly
+        self.seed, self.fresh = seed, fresh_samples
+        shapes = self.data.indices_by_shape()
+        if len(shapes) != 1:
+            raise ValueError(
+                f"{path}: latents of {len(shapes)} shapes ({sorted(shapes)[:4]}...); a batch needs "
+                "one shape: compress with --resolution N"
+            )
+        (self.shape,) = shapes
+        self.has_std = "std" in self.data.shards[0]["tensors"]
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, key) -> torch.Tensor:
+        index, epoch = key
+        item = self.data[index]
+        if not (self.has_std and self.fresh):
+            return item["latents"]
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+        return item["mean"] + item["std"] * torch.randn(item["mean"].shape, generator=g)
+
+
+def build_unet(cfg: LDMConfig, shape: tuple[int, ...]):
+    from diffusers import UNet2DModel
+
+    m = cfg.model
+    levels = len(m.block_out_channels)
+    plain = levels - m.attention_levels
+    return UNet2DModel(
+        sample_size=list(shape[1:]), in_channels=shape[0], out_channels=shape[0],
+        block_out_channels=tuple(m.block_out_channels), layers_per_block=m.layers_per_block,
+        down_block_types=("DownBlock2D",) * plain + ("AttnDownBlock2D",) * m.attention_levels,
+        up_block_types=("AttnUpBlock2D",) * m.attention_levels + ("UpBlock2D",) * plain,
+        norm_num_groups=m.norm_num_groups,
+    )
+
+
+def build_scheduler(cfg: LDMConfig):
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    if cfg.objective == "flow":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.num_train_timesteps, shift=1.0)
+    # clip_sample off: it clips predicted x0 to [-1, 1], right for pixels, wrong for latents.
+    return DDPMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+        prediction_type=cfg.prediction_type, clip_sample=False,
+    )
+
+
+@torch.no_grad()
+def sample_latents(unet, train_scheduler, count: int, steps: int, generator: torch.Generator) -> torch.Tensor:
+    """Sampling from N(0, I): (count, C, h, w) latents in the codec's scaled units. DDIM for a
+    DDPM-trained model, Euler steps for a flow-matching one (``train_scheduler``, the run's
+    scheduler or ``DDPMPipeline.from_pretrained(...).scheduler``, says which)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    flow = isinstance(train_scheduler, FlowMatchEulerDiscreteScheduler)
+    scheduler = (FlowMatchEulerDiscreteScheduler if flow else DDIMScheduler).from_config(train_scheduler.config)
+    scheduler.set_timesteps(steps)
+    device = next(unet.parameters()).device
+    shape = (count, unet.config.in_channels, *unet.config.sample_size)
+    x = torch.randn(shape, generator=generator).to(device)
+    for t in scheduler.timesteps:
+        model_input = x if flow else scheduler.scale_model_input(x, t)
+        out = unet(model_input, t.to(device)).sample
+        x = scheduler.step(out, t, x).prev_sample
+    return x.float().cpu()
+
+
+def train_ldm(cfg: LDMConfig) -> Path:
+    """Train according to ``cfg``; returns the exported pipeline folder."""
+    try:
+        return _train(cfg)
+    finally:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)  # see train.loop.train
+
+
+def _train(cfg: LDMConfig) -> Path:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers import DDPMPipeline
+    from diffusers.training_utils import EMAModel
+
+    from codec.compress import codec_of_latents
+    from codec.images import make_grid_image
+
+    from . import checkpoints as ckpt
+    from .config import save_config, to_dict
+    from .data import EpochSampler
+    from .loop import TrainState, _flat_scalars, resolve_mixed_precision
+
+    validate_ldm(cfg)
+    out = Path(cfg.output_dir)
+    ckpt_dir = out / "checkpoints"
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # see train.loop
+        mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+        log_with="tensorboard", project_dir=str(out),
+    )
+    set_seed(cfg.seed)
+    is_main = accelerator.is_main_process
+    resume_from = ckpt.latest_checkpoint(ckpt_dir) if cfg.resume else None
+    if not cfg.resume and ckpt.list_checkpoints(ckpt_dir):
+        raise FileExistsError(
+            f"{ckpt_dir} already holds checkpoints; pass --set resume=true to continue that run "
+            "or choose another output_dir"
+        )
+
+    data = LatentStream(cfg.data.latents, cfg.seed, cfg.data.fresh_samples)
+    sampler = EpochSampler(len(data), cfg.seed, accelerator.process_index, accelerator.num_processes, cfg.batch_size)
+    batches_per_epoch = sampler.per_epoch // cfg.batch_size
+    if batches_per_epoch < 1:
+        raise ValueError(
+            f"{len(data)} latents are too few for batch_size {cfg.batch_size} on "
+            f"{accelerator.num_processes} process(es)"
+        )
+    unet = build_unet(cfg, data.shape)
+    if resume_from:
+        ckpt.check_compatible(resume_from, unet.config, "unet_config.json")
+    noise_scheduler = build_scheduler(cfg)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    raw = accelerator.unwrap_model(unet)
+    ema = EMAModel(raw.parameters(), decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if ema is not None:
+        ema.to(accelerator.device)
+    state = TrainState()
+    own_state = {"train": state, **({"ema": ema} if ema is not None else {})}  # saved without pickle
+    if resume_from:
+        ckpt.load_accelerate_state(accelerator, resume_from)
+        ckpt.load_objects(resume_from, own_state)
+        if is_main:
+            print(f"resumed from {resume_from} at step {state.step}")
+
+    codec = None
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        accelerator.init_trackers("tensorboard", config=_flat_scalars(to_dict(cfg)))
+        # The codec that made the latents (checked by weight hash and factors) decodes samples.
+        codec = codec_of_latents(data.data.job, cfg.data.codec, device=accelerator.device)
+        probe = torch.stack([data[(i, 0)] for i in range(min(len(data), 64))])
+        print(
+            f"training UNet2DModel ({sum(p.numel() for p in raw.parameters()) / 1e6:.2f} M "
+            f"parameters) on {len(data)} latents {tuple(data.shape)} "
+            f"({'fresh posterior samples' if data.has_std and data.fresh else 'stored latents'}; "
+            f"mean {probe.mean():.3f}, std {probe.std():.3f}: a diffusion model expects about 0 "
+            f"and 1), {accelerator.num_processes} process(es), output {out}"
+        )
+
+    def export(folder: Path) -> None:
+        """A DDPMPipeline folder (EMA weights where on): unet/ + scheduler/ + the codec used."""
+        with ema_weights():
+            DDPMPipeline(unet=raw, scheduler=noise_scheduler).save_pretrained(str(folder))
+        info = {"codec": cfg.data.codec or data.data.job["codec"]["path"],
+                "latents": str(Path(cfg.data.latents).resolve()), "step": state.step}
+        (folder / "vae_codec_ldm.json").write_text(json.dumps(info, indent=2))
+
+    def samples() -> Path:
+        with ema_weights():
+            raw.eval()
+            latents = sample_latents(raw, noise_scheduler, cfg.num_samples, cfg.sample_steps,
+                                     torch.Generator().manual_seed(cfg.seed))
+            raw.train()
+        images = codec.decode(latents)
+        cols = math.ceil(math.sqrt(cfg.num_samples))
+        path = out / "samples" / f"{ckpt.checkpoint_name(state.step)}.png"
+        return make_grid_image(images.split(cols), path)
+
+    class ema_weights:
+        def __enter__(self):
+            if ema is not None:
+                ema.store(raw.parameters())
+                ema.copy_to(raw.parameters())
+
+        def __exit__(self, *exc):
+            if ema is not None:
+                ema.restore(raw.parameters())
+
+    def save_checkpoint() -> Path:
+        name = ckpt.checkpoint_name(state.step)
+        tmp = ckpt_dir / f"{name}.tmp"
+        if is_main and tmp.exists():  # left by a run killed while saving this very step
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        if is_main:
+            ckpt.save_objects(tmp, own_state)
+            save_config(cfg, tmp / "config.yaml")
+            (tmp / "unet_config.json").write_text(json.dumps(ckpt.architecture(raw.config), indent=2))
+            export(tmp / "pipeline")
+            ckpt.finish(tmp, ckpt_dir / name)
+            ckpt.prune(ckpt_dir, cfg.keep_checkpoints)
+        accelerator.wait_for_everyone()
+        return ckpt_dir / name
+
+    # ---------------------------------------------------------------- the loop
+    epoch, skip = divmod(state.step, batches_per_epoch)
+    sampler.set_position(epoch, skip * cfg.batch_size, max(cfg.max_steps - state.step, 0) * cfg.batch_size)
+    loader = DataLoader(
+        data, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
+        drop_last=True, pin_memory=accelerator.device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed + state.step),  # see train.loop
+    )
+    unet.train()
+    progress = tqdm(total=cfg.max_steps, initial=state.step, disable=not is_main, desc="train.ldm")
+    T = noise_scheduler.config.num_train_timesteps
+    for x0 in loader:
+        x0 = x0.to(accelerator.device, non_blocking=True)
+        noise = torch.randn_like(x0)
+        if cfg.objective == "flow":  # rectified flow: x_t = (1 - s) x0 + s noise, predict noise - x0
+            sigma = torch.rand(x0.shape[0], device=x0.device)
+            s4 = sigma.view(-1, 1, 1, 1)
+            noisy, target, t = (1 - s4) * x0 + s4 * noise, noise - x0, sigma * T
+        else:
+            t = torch.randint(0, T, (x0.shape[0],), device=x0.device)
+            noisy = noise_scheduler.add_noise(x0, noise, t)
+            target = noise if cfg.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, t)
+        with accelerator.autocast():
+            pred = unet(noisy, t).sample
+        loss = F.mse_loss(pred.float(), target.float())
+        accelerator.backward(loss)
+        if cfg.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
+        lr = cfg.lr * min(1.0, (state.step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        value = accelerator.reduce(loss.detach(), "mean").item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"non-finite loss at step {state.step}")
+        if ema is not None:
+            ema.step(raw.parameters())
+        state.step += 1
+        progress.update(1)
+        if state.step % cfg.log_every == 0 or state.step == 1:
+            accelerator.log({"train/loss": value, "train/lr": lr}, step=state.step)
+            progress.set_postfix(loss=f"{value:.4f}")
+        done = state.step >= cfg.max_steps
+        if is_main and cfg.sample_every and state.step % cfg.sample_every == 0 and not done:
+            samples()
+        if state.step % cfg.checkpoint_every == 0 and not done:
+            save_checkpoint()
+        if done:
+            break
+    progress.close()
+
+    final = ckpt_dir / ckpt.checkpoint_name(state.step)
+    if not (final / ckpt.COMPLETE).exists():
+        final = save_checkpoint()
+    pipeline_dir = out / "pipeline"
+    if is_main:
+        grid = samples()
+        if pipeline_dir.exists():
+            shutil.rmtree(pipeline_dir)
+        shutil.copytree(final / "pipeline", pipeline_dir)
+        print(f"step {state.step}: checkpoint {final}, pipeline {pipeline_dir}, samples {grid}")
+    accelerator.end_training()
+    return pipeline_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.ldm",
+        description="Train a latent diffusion UNet (DDPM) on latents made by `vae-codec compress`.",
+    )
+    parser.add_argument("config", nargs="?", help="YAML file overriding the defaults (configs/ldm-*.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting, e.g. --set data.latents=/data/latents")
+    args = parser.parse_args(argv)
+    relaunched = relaunch_if_needed("train.ldm", sys.argv[1:] if argv is None else argv)
+    if relaunched is not None:
+        return relaunched
+    try:
+        cfg = load_ldm_config(args.config, args.overrides)
+        validate_ldm(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        parser.error(str(exc))
+    train_ldm(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

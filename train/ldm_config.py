@@ -1,0 +1,81 @@
+"""Configuration of ``python -m train.ldm``: a latent diffusion model on compressed latents.
+
+Same machinery as :mod:`train.config` (defaults here, YAML and ``--set a.b=c`` override,
+unknown keys and wrong types are errors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config import load_config
+
+
+@dataclass
+class UNetConfig:
+    block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 256, 256])
+    layers_per_block: int = 2
+    attention_levels: int = 2  # self-attention in the deepest N levels (AttnDown/UpBlock2D)
+    norm_num_groups: int = 32
+
+
+@dataclass
+class LDMDataConfig:
+    latents: str = ""  # a folder written by `vae-codec compress`
+    codec: str | None = None  # the codec to decode samples with (default: the one that made them)
+    fresh_samples: bool = True  # shards with mean+std: a new posterior sample every time
+    num_workers: int = 0
+
+
+@dataclass
+class LDMConfig:
+    model: UNetConfig = field(default_factory=UNetConfig)
+    data: LDMDataConfig = field(default_factory=LDMDataConfig)
+    output_dir: str = "runs/ldm"
+    seed: int = 0
+    batch_size: int = 32  # per process
+    max_steps: int = 100_000
+    lr: float = 1e-4
+    warmup_steps: int = 500
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    mixed_precision: str = "no"  # "no", "fp16", "bf16" or "auto" (as train.config)
+    ema_decay: float = 0.9999  # 0 disables EMA; samples and the exported UNet use EMA weights
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"  # DDPMScheduler's beta_schedule
+    objective: str = "ddpm"  # "ddpm" (DDPMScheduler, DDIM sampling) or "flow" (rectified flow, Euler)
+    prediction_type: str = "epsilon"  # with ddpm: "epsilon" or "v_prediction"
+    sample_steps: int = 50  # DDIM (ddpm) or Euler (flow) steps when sampling
+    num_samples: int = 16  # images in each sample grid
+    sample_every: int = 5000  # 0: only at the end
+    checkpoint_every: int = 5000
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    resume: bool = False
+
+
+def load_ldm_config(path=None, overrides=()) -> LDMConfig:
+    return load_config(path, overrides, cls=LDMConfig)
+
+
+def validate_ldm(cfg: LDMConfig) -> None:
+    choices = {
+        "objective": (cfg.objective, ("ddpm", "flow")),
+        "prediction_type": (cfg.prediction_type, ("epsilon", "v_prediction")),
+        "mixed_precision": (cfg.mixed_precision, ("auto", "bf16", "fp16", "no")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ValueError(f"{key}: unknown {value!r}; choose from {list(allowed)}")
+    if not cfg.data.latents:
+        raise ValueError("data.latents is empty: set it to a folder made by `vae-codec compress`")
+    for key in ("batch_size", "max_steps", "checkpoint_every", "keep_checkpoints", "sample_steps",
+                "num_samples", "log_every"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    m = cfg.model
+    if not 0 <= m.attention_levels <= len(m.block_out_channels):
+        raise ValueError(f"model.attention_levels must be 0..{len(m.block_out_channels)}, got {m.attention_levels}")
+    bad = [c for c in m.block_out_channels if c % m.norm_num_groups]
+    if bad:
+        raise ValueError(f"model.block_out_channels {bad} are not multiples of model.norm_num_groups {m.norm_num_groups}")
