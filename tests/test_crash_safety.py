@@ -3,6 +3,7 @@ then Ctrl-C (SIGINT to the whole process group, as a terminal sends it). Every r
 continue from the last complete checkpoint and end with the weights of an uninterrupted run."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -45,6 +46,15 @@ def wait_for(condition, proc, timeout=240.0, poll=0.002):
     raise AssertionError("timed out waiting for the training subprocess")
 
 
+def logged_step(run):
+    """The last step in train_log.jsonl (0 before the first; a line may be half written)."""
+    try:
+        steps = re.findall(r'^\{"step": (\d+),', (run / "train_log.jsonl").read_text(), re.M)
+    except FileNotFoundError:
+        return 0
+    return int(steps[-1]) if steps else 0
+
+
 def complete(ckpts, step):
     return lambda: (ckpts / f"step_{step:08d}" / COMPLETE).exists()
 
@@ -64,9 +74,8 @@ def test_sigkill_and_ctrl_c_resume_to_the_uninterrupted_result(tmp_path, image_f
     # 2. Resume; SIGKILL in the middle of training steps, between two checkpoints.
     proc = start(tmp_path / "run", image_folder, "resume=true")
     wait_for(complete(ckpts, 8), proc)
-    wait_for(lambda: not list(ckpts.glob("*.tmp")), proc)
-    time.sleep(0.3)  # a step takes ~0.1 s here: we are mid-step or between steps, not saving
-    assert not list(ckpts.glob("*.tmp"))
+    # Step 9 logged and no save under way: the process is inside step 10 (or logging 9).
+    wait_for(lambda: logged_step(tmp_path / "run") >= 9 and not list(ckpts.glob("*.tmp")), proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert latest_checkpoint(ckpts).name == "step_00000008"
