@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .codec import Codec
+from .tiling import DEFAULT_PASSES
 from .images import ImageLoadError, list_images, load_image, pil_to_tensor, save_image
 
 
@@ -71,7 +72,20 @@ def _load_crop(path: Path, size: int) -> torch.Tensor | None:
 
 # ------------------------------------------------------------------------- encode / decode
 def _codec(args) -> Codec:
-    return Codec.from_pretrained(args.codec, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+    return Codec.from_pretrained(
+        args.codec, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+        tile_size=args.tile_size, tile_margin=args.tile_margin, tile_passes=args.tile_passes,
+    )
+
+
+def tile_args(p) -> None:
+    """--tile-size & co. (encode, decode, decompress): see codec.tiling."""
+    p.add_argument("--tile-size", type=int, default=None,
+                   help="process images larger than this many pixels in tiles (memory bounded by the tile)")
+    p.add_argument("--tile-margin", type=int, default=None,
+                   help="context pixels around each tile's kept centre (default: a quarter of the tile)")
+    p.add_argument("--tile-passes", type=int, default=DEFAULT_PASSES,
+                   help="passes refining whole-image GroupNorm statistics (0 = fastest, seams likelier)")
 
 
 def cmd_encode(args) -> int:
@@ -140,12 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", action="store_true", help="sample the posterior instead of its mean")
     p.add_argument("--seed", type=int, default=0, help="seed for --sample")
     p.add_argument("--pad", action="store_true", help="pad sizes that are not multiples of 8")
+    tile_args(p)
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("decode", help="latents (.safetensors) -> image")
     codec_args(p)
     p.add_argument("latents")
     p.add_argument("output")
+    tile_args(p)
     p.set_defaults(func=cmd_decode)
 
     from . import evaluate

@@ -22,6 +22,8 @@ from diffusers import AutoencoderKL
 
 from .images import tensor_to_pil, to_batch
 from .models import load_autoencoder
+from .precision import run_checked
+from .tiling import DEFAULT_PASSES, split_tile_size, tiled_decode, tiled_encode
 
 # Extra metadata saved beside diffusers' files (diffusers ignores unknown files in the folder).
 META_FILE = "vae_codec.json"
@@ -45,6 +47,11 @@ class Codec:
 
     ``images`` may be PIL images, uint8 (H, W, 3) arrays or float (B, 3, H, W) tensors in
     [-1, 1]; work is split into batches of ``batch_size`` internally.
+
+    ``tile_size`` (pixels) encodes/decodes images larger than that tile by tile, with memory
+    bounded by the tile and whole-image GroupNorm statistics (see :mod:`codec.tiling`);
+    ``tile_margin`` and ``tile_passes`` tune it. In fp16/bf16 a batch whose result overflows
+    (inf/NaN) is redone in float32, with a warning; ``fallbacks`` counts them.
     """
 
     def __init__(
@@ -54,6 +61,9 @@ class Codec:
         dtype: str | torch.dtype | None = None,
         batch_size: int = 8,
         meta: dict | None = None,
+        tile_size: int | None = None,
+        tile_margin: int | None = None,
+        tile_passes: int = DEFAULT_PASSES,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -66,6 +76,10 @@ class Codec:
             self.vae.to(memory_format=torch.channels_last)
         self.batch_size = batch_size
         self.meta = dict(meta or {})
+        if tile_size:
+            split_tile_size(tile_size, tile_margin)  # a bad tile setting fails here, not mid-job
+        self.tile_size, self.tile_margin, self.tile_passes = tile_size, tile_margin, tile_passes
+        self.fallbacks = 0  # batches redone in float32 after a half-precision overflow
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
@@ -128,15 +142,26 @@ class Codec:
                 chunk = chunk.contiguous(memory_format=torch.channels_last)
             yield chunk
 
+    def _encode_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tile_size:
+            return tiled_encode(self.vae, x, self.tile_size, self.tile_margin, self.tile_passes)
+        dist = self.vae.encode(x).latent_dist
+        return dist.mean, dist.logvar
+
+    def _decode_batch(self, z: torch.Tensor) -> torch.Tensor:
+        if self.tile_size:
+            return tiled_decode(self.vae, z, self.tile_size, self.tile_margin, self.tile_passes)
+        return self.vae.decode(z).sample
+
     @torch.no_grad()
     def posterior(self, images, pad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Unscaled posterior ``(mean, logvar)``, each (B, 4, H/8, W/8) float32."""
         x, _ = self._prepare(images, pad)
         means, logvars = [], []
         for chunk in self._batches(x):
-            dist = self.vae.encode(chunk).latent_dist
-            means.append(dist.mean.float().cpu())
-            logvars.append(dist.logvar.float().cpu())
+            mean, logvar = run_checked(self, self._encode_batch, chunk, "encode")
+            means.append(mean.float().cpu())
+            logvars.append(logvar.float().cpu())
         return torch.cat(means), torch.cat(logvars)
 
     def encode(
@@ -176,7 +201,9 @@ class Codec:
                 f"latents must be (B, {channels}, h, w), got {tuple(latents.shape)}"
             )
         z = latents.float() / self.scaling_factor + self.shift_factor
-        out = torch.cat([self.vae.decode(c).sample.float().cpu() for c in self._batches(z)])
+        out = torch.cat(
+            [run_checked(self, self._decode_batch, c, "decode").float().cpu() for c in self._batches(z)]
+        )
         if size is not None:
             h, w = size
             if h > out.shape[-2] or w > out.shape[-1]:

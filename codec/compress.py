@@ -395,7 +395,8 @@ def compress(
 
 # ------------------------------------------------------------------------- decompress
 def decompress(
-    latents_dir, output, codec_path=None, device=None, dtype="fp32", batch_size=8
+    latents_dir, output, codec_path=None, device=None, dtype="fp32", batch_size=8,
+    tile_size=None, tile_margin=None, tile_passes=None,
 ) -> int:
     """Decode every shard row to ``output/<key>.png`` (the suffix replaced); returns the count."""
     from safetensors import safe_open
@@ -415,6 +416,8 @@ def decompress(
             f"scaling_factor {made_by['scaling_factor']}); "
             "pass that codec with --codec"
         )
+    codec.tile_size, codec.tile_margin = tile_size, tile_margin
+    codec.tile_passes = codec.tile_passes if tile_passes is None else tile_passes
     used, count = set(), 0
     for shard in manifest["shards"]:
         with safe_open(str(src / shard["file"]), "pt") as f:
@@ -503,6 +506,8 @@ def register(sub, codec_args) -> None:
                    help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--batch-size", type=int, default=8)
+    from .cli import tile_args
+    tile_args(p)
     p.set_defaults(func=cmd_decompress)
 
     p = sub.add_parser("scale",
@@ -554,7 +559,10 @@ def cmd_verify(args) -> int:
 
 
 def cmd_decompress(args) -> int:
-    n = decompress(args.latents, args.output, args.codec, args.device, args.dtype, args.batch_size)
+    n = decompress(
+        args.latents, args.output, args.codec, args.device, args.dtype, args.batch_size,
+        args.tile_size, args.tile_margin, args.tile_passes,
+    )
     print(f"decoded {n} images into {args.output}")
     return 0
 
