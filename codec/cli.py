@@ -109,12 +109,17 @@ def cmd_decode(args) -> int:
     codec = _codec(args)
     from safetensors import safe_open
 
-    with safe_open(args.latents, "pt") as f:
-        meta = f.metadata() or {}
-    tensors = load_file(args.latents)
+    if not Path(args.latents).is_file():
+        raise FileNotFoundError(f"{args.latents}: no such latents file")
+    try:  # safetensors only: a latents file is never unpickled
+        with safe_open(args.latents, "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(args.latents)
+        size = (int(meta["height"]), int(meta["width"])) if "height" in meta else None
+    except Exception as exc:
+        raise ValueError(f"{args.latents}: not a readable latents file ({type(exc).__name__}: {exc})") from exc
     if "latents" not in tensors:
         raise ValueError(f"{args.latents}: no 'latents' tensor (found {sorted(tensors)})")
-    size = (int(meta["height"]), int(meta["width"])) if "height" in meta else None
     saved_scale = meta.get("scaling_factor")
     if saved_scale is not None and abs(float(saved_scale) - codec.scaling_factor) > 1e-6:
         print(

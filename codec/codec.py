@@ -23,6 +23,7 @@ from diffusers import AutoencoderKL
 from .images import tensor_to_pil, to_batch
 from .models import load_autoencoder
 from .precision import run_checked
+from .shards import read_json
 from .tiling import DEFAULT_PASSES, split_tile_size, tiled_decode, tiled_encode
 
 # Extra metadata saved beside diffusers' files (diffusers ignores unknown files in the folder).
@@ -87,7 +88,7 @@ class Codec:
         """Load one of our exports or any diffusers AutoencoderKL folder (or pipeline folder)."""
         vae = load_autoencoder(path)
         meta_path = Path(path) / META_FILE
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        meta = read_json(meta_path) if meta_path.exists() else {}
         return cls(vae, meta=meta, **kwargs)
 
     def save_pretrained(self, path: str | os.PathLike, meta: dict | None = None) -> Path:

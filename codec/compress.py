@@ -186,7 +186,7 @@ def load_codec(path, device=None, dtype="fp32", batch_size=8) -> tuple[Codec, di
     """The codec and its description for a manifest (config, factors, weight hash, metadata)."""
     vae = load_autoencoder(path).float()  # hashed in fp32 on the CPU, whatever --dtype is
     meta_path = Path(path) / "vae_codec.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta = sh.read_json(meta_path) if meta_path.exists() else {}
     info = {
         # Absolute when local, so decompress finds it from any folder (else a hub id).
         "path": str(Path(path).resolve()) if Path(path).exists() else str(path),

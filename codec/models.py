@@ -74,6 +74,8 @@ def load_autoencoder(path: str | os.PathLike, subfolder: str | None = None) -> A
     """Load a diffusers ``AutoencoderKL`` folder (local path or hub id) for fine-tuning or use.
 
     A Stable Diffusion pipeline folder works too: its VAE is found in the ``vae`` subfolder.
+    Weights are read from safetensors only (never unpickled); a malformed ``config.json`` or
+    weights file raises :class:`CodecLoadError` naming it.
     """
     local = Path(path)
     if local.exists():
@@ -85,7 +87,15 @@ def load_autoencoder(path: str | os.PathLike, subfolder: str | None = None) -> A
                 f"{local}: no config.json here; pass a diffusers AutoencoderKL folder "
                 "(config.json + diffusion_pytorch_model.safetensors) or a pipeline folder with vae/"
             )
-    return AutoencoderKL.from_pretrained(str(path), subfolder=subfolder)
+    # use_safetensors: a folder holding only a pickled .bin is refused rather than unpickled.
+    try:
+        return AutoencoderKL.from_pretrained(str(path), subfolder=subfolder, use_safetensors=True)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise CodecLoadError(f"{path}: cannot load the codec ({type(exc).__name__}: {exc})") from exc
+
+
+class CodecLoadError(ValueError):
+    """A codec folder that is missing files or holds malformed ones (the message names them)."""
 
 
 def count_parameters(module) -> int:

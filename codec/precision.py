@@ -41,6 +41,9 @@ def run_checked(codec, fn: Callable[[torch.Tensor], object], chunk: torch.Tensor
     dtype = codec.dtype
     codec.vae.to(dtype=torch.float32)
     try:
-        return fn(chunk.float())
+        result = fn(chunk.float())
     finally:
         codec.vae.to(dtype=dtype)
+    if not all_finite(result):
+        raise FloatingPointError(f"{what}: non-finite values even in float32; the input or the model is broken")
+    return result
