@@ -202,9 +202,8 @@ class Codec:
                 f"latents must be (B, {channels}, h, w), got {tuple(latents.shape)}"
             )
         z = latents.float() / self.scaling_factor + self.shift_factor
-        out = torch.cat(
-            [run_checked(self, self._decode_batch, c, "decode").float().cpu() for c in self._batches(z)]
-        )
+        outs = [run_checked(self, self._decode_batch, c, "decode").float().cpu() for c in self._batches(z)]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)  # no copy of a (big) single batch
         if size is not None:
             h, w = size
             if h > out.shape[-2] or w > out.shape[-1]:
