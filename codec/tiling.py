@@ -16,7 +16,8 @@ so each tile gets its own brightness and contrast. Here every GroupNorm uses sta
    accumulates every layer's actual statistics over the cores. This is a fixed-point
    iteration whose fixed point is the untiled run's statistics; pass n makes the first n
    GroupNorm layers exact and brings the rest closer. On a trained tiny codec (22 GroupNorm
-   layers) 4 passes give 46 dB against untiled, 2 give 34, 0 give 35 (BENCHMARKS.md).
+   layers; Kodak kodim01, 384 px tiles, 128 px margins) 4 passes give 46 dB against
+   untiled, 2 give 34, 0 give 35.6; the untiled run's own statistics would give 55 dB.
 3. the output pass, every GroupNorm using the refined whole-image statistics.
 
 Each pass costs about one tiled decode, so the default (4) costs ~6x an untiled decode; set
@@ -24,7 +25,7 @@ Each pass costs about one tiled decode, so the default (4) costs ~6x an untiled 
 
 The mid-block attention stays tile-local (attention over a 4096² image's 512² latents would
 need a 2.6e5² matrix); the margins give it the neighbourhood it mostly attends to.
-BENCHMARKS.md ("Big images") measures tiled vs untiled PSNR for both modes.
+BENCHMARKS.md ("Big images") measures tiled vs untiled PSNR, ours and diffusers'.
 """
 
 from __future__ import annotations
