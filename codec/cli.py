@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .codec import Codec
+from .tiling import DEFAULT_PASSES
 from .images import ImageLoadError, list_images, load_image, pil_to_tensor, save_image
 from .single_file import is_single_file, save_single_file
 
@@ -79,7 +80,20 @@ def _load_crop(path: Path, size: int) -> torch.Tensor | None:
 
 # ------------------------------------------------------------------------- encode / decode
 def _codec(args) -> Codec:
-    return Codec.from_pretrained(args.codec, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+    return Codec.from_pretrained(
+        args.codec, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+        tile_size=args.tile_size, tile_margin=args.tile_margin, tile_passes=args.tile_passes,
+    )
+
+
+def tile_args(p) -> None:
+    """--tile-size & co. (encode, decode, decompress): see codec.tiling."""
+    p.add_argument("--tile-size", type=int, default=None,
+                   help="process images larger than this many pixels in tiles (memory bounded by the tile)")
+    p.add_argument("--tile-margin", type=int, default=None,
+                   help="context pixels around each tile's kept centre (default: a quarter of the tile)")
+    p.add_argument("--tile-passes", type=int, default=DEFAULT_PASSES,
+                   help="passes refining whole-image GroupNorm statistics (0 = fastest, seams likelier)")
 
 
 def cmd_encode(args) -> int:
@@ -103,12 +117,17 @@ def cmd_decode(args) -> int:
     codec = _codec(args)
     from safetensors import safe_open
 
-    with safe_open(args.latents, "pt") as f:
-        meta = f.metadata() or {}
-    tensors = load_file(args.latents)
+    if not Path(args.latents).is_file():
+        raise FileNotFoundError(f"{args.latents}: no such latents file")
+    try:  # safetensors only: a latents file is never unpickled
+        with safe_open(args.latents, "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(args.latents)
+        size = (int(meta["height"]), int(meta["width"])) if "height" in meta else None
+    except Exception as exc:
+        raise ValueError(f"{args.latents}: not a readable latents file ({type(exc).__name__}: {exc})") from exc
     if "latents" not in tensors:
         raise ValueError(f"{args.latents}: no 'latents' tensor (found {sorted(tensors)})")
-    size = (int(meta["height"]), int(meta["width"])) if "height" in meta else None
     saved_scale = meta.get("scaling_factor")
     if saved_scale is not None and abs(float(saved_scale) - codec.scaling_factor) > 1e-6:
         print(
@@ -153,12 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", action="store_true", help="sample the posterior instead of its mean")
     p.add_argument("--seed", type=int, default=0, help="seed for --sample")
     p.add_argument("--pad", action="store_true", help="pad sizes that are not multiples of 8")
+    tile_args(p)
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("decode", help="latents (.safetensors) -> image")
     codec_args(p)
     p.add_argument("latents")
     p.add_argument("output")
+    tile_args(p)
     p.set_defaults(func=cmd_decode)
 
     from . import evaluate

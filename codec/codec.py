@@ -24,6 +24,9 @@ from . import single_file
 from .factors import scale_latents, unscale_latents
 from .images import tensor_to_pil, to_batch
 from .models import load_autoencoder
+from .precision import run_checked
+from .shards import read_json
+from .tiling import DEFAULT_PASSES, split_tile_size, tiled_decode, tiled_encode
 
 # Extra metadata saved beside diffusers' files (diffusers ignores unknown files in the folder).
 META_FILE = "vae_codec.json"
@@ -47,6 +50,11 @@ class Codec:
 
     ``images`` may be PIL images, uint8 (H, W, 3) arrays or float (B, 3, H, W) tensors in
     [-1, 1]; work is split into batches of ``batch_size`` internally.
+
+    ``tile_size`` (pixels) encodes/decodes images larger than that tile by tile, with memory
+    bounded by the tile and whole-image GroupNorm statistics (see :mod:`codec.tiling`);
+    ``tile_margin`` and ``tile_passes`` tune it. In fp16/bf16 a batch whose result overflows
+    (inf/NaN) is redone in float32, with a warning; ``fallbacks`` counts them.
     """
 
     def __init__(
@@ -56,6 +64,9 @@ class Codec:
         dtype: str | torch.dtype | None = None,
         batch_size: int = 8,
         meta: dict | None = None,
+        tile_size: int | None = None,
+        tile_margin: int | None = None,
+        tile_passes: int = DEFAULT_PASSES,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -68,6 +79,10 @@ class Codec:
             self.vae.to(memory_format=torch.channels_last)
         self.batch_size = batch_size
         self.meta = dict(meta or {})
+        if tile_size:
+            split_tile_size(tile_size, tile_margin)  # a bad tile setting fails here, not mid-job
+        self.tile_size, self.tile_margin, self.tile_passes = tile_size, tile_margin, tile_passes
+        self.fallbacks = 0  # batches redone in float32 after a half-precision overflow
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
@@ -79,7 +94,7 @@ class Codec:
             return cls(vae, meta=meta, **kwargs)
         vae = load_autoencoder(path)
         meta_path = Path(path) / META_FILE
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        meta = read_json(meta_path) if meta_path.exists() else {}
         return cls(vae, meta=meta, **kwargs)
 
     def save_pretrained(self, path: str | os.PathLike, meta: dict | None = None) -> Path:
@@ -145,15 +160,26 @@ class Codec:
                 chunk = chunk.contiguous(memory_format=torch.channels_last)
             yield chunk
 
+    def _encode_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tile_size:
+            return tiled_encode(self.vae, x, self.tile_size, self.tile_margin, self.tile_passes)
+        dist = self.vae.encode(x).latent_dist
+        return dist.mean, dist.logvar
+
+    def _decode_batch(self, z: torch.Tensor) -> torch.Tensor:
+        if self.tile_size:
+            return tiled_decode(self.vae, z, self.tile_size, self.tile_margin, self.tile_passes)
+        return self.vae.decode(z).sample
+
     @torch.no_grad()
     def posterior(self, images, pad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Unscaled posterior ``(mean, logvar)``, each (B, 4, H/8, W/8) float32 ((B, D) for MLPVAE)."""
         x, _ = self._prepare(images, pad)
         means, logvars = [], []
         for chunk in self._batches(x):
-            dist = self.vae.encode(chunk).latent_dist
-            means.append(dist.mean.float().cpu())
-            logvars.append(dist.logvar.float().cpu())
+            mean, logvar = run_checked(self, self._encode_batch, chunk, "encode")
+            means.append(mean.float().cpu())
+            logvars.append(logvar.float().cpu())
         return torch.cat(means), torch.cat(logvars)
 
     def encode(
@@ -189,7 +215,8 @@ class Codec:
         if latents.ndim in (1, 3):
             latents = latents[None]
         z = unscale_latents(latents.float(), self.vae.config)
-        out = torch.cat([self.vae.decode(c).sample.float().cpu() for c in self._batches(z)])
+        outs = [run_checked(self, self._decode_batch, c, "decode").float().cpu() for c in self._batches(z)]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)  # no copy of a (big) single batch
         if out.shape[1] == 1:
             out = out.expand(-1, 3, -1, -1)  # greyscale models (MLPVAE on MNIST) decode to RGB images
         if size is not None:

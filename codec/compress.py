@@ -188,7 +188,7 @@ def load_codec(path, device=None, dtype="fp32", batch_size=8) -> tuple[Codec, di
     """The codec and its description for a manifest (config, factors, weight hash, metadata)."""
     vae = load_autoencoder(path).float()  # hashed in fp32 on the CPU, whatever --dtype is
     meta_path = Path(path) / "vae_codec.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta = sh.read_json(meta_path) if meta_path.exists() else {}
     if single_file.is_single_file(path):  # metadata lives in the file's header
         meta = json.loads(single_file.read_header(path).get(single_file.META_KEY, "{}"))
     info = {
@@ -418,7 +418,8 @@ def codec_of_latents(manifest: dict, codec_path=None, **kwargs) -> Codec:
 
 
 def decompress(
-    latents_dir, output, codec_path=None, device=None, dtype="fp32", batch_size=8
+    latents_dir, output, codec_path=None, device=None, dtype="fp32", batch_size=8,
+    tile_size=None, tile_margin=None, tile_passes=None,
 ) -> int:
     """Decode every shard row to ``output/<key>.png`` (the suffix replaced); returns the count."""
     from safetensors import safe_open
@@ -426,6 +427,8 @@ def decompress(
     out_dir, src = Path(output), Path(latents_dir)
     manifest = sh.load_manifest(src)
     codec = codec_of_latents(manifest, codec_path, device=device, dtype=dtype, batch_size=batch_size)
+    codec.tile_size, codec.tile_margin = tile_size, tile_margin
+    codec.tile_passes = codec.tile_passes if tile_passes is None else tile_passes
     used, count = set(), 0
     for shard in manifest["shards"]:
         with safe_open(str(src / shard["file"]), "pt") as f:
@@ -514,6 +517,8 @@ def register(sub, codec_args) -> None:
                    help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--batch-size", type=int, default=8)
+    from .cli import tile_args
+    tile_args(p)
     p.set_defaults(func=cmd_decompress)
 
     p = sub.add_parser("scale",
@@ -568,7 +573,10 @@ def cmd_verify(args) -> int:
 
 
 def cmd_decompress(args) -> int:
-    n = decompress(args.latents, args.output, args.codec, args.device, args.dtype, args.batch_size)
+    n = decompress(
+        args.latents, args.output, args.codec, args.device, args.dtype, args.batch_size,
+        args.tile_size, args.tile_margin, args.tile_passes,
+    )
     print(f"decoded {n} images into {args.output}")
     return 0
 

@@ -77,6 +77,8 @@ def load_autoencoder(path: str | os.PathLike, subfolder: str | None = None) -> A
     A Stable Diffusion pipeline folder works too: its VAE is found in the ``vae`` subfolder,
     and so does a single-file ``.safetensors`` in the CompVis/LDM layout (:mod:`codec.single_file`).
     A folder whose config names ``MLPVAE`` (the vanilla VAE baseline) loads as that class.
+    Weights are read from safetensors only (never unpickled); a malformed ``config.json`` or
+    weights file raises :class:`CodecLoadError` naming it.
     """
     local = Path(path)
     if local.is_file() and local.suffix == ".safetensors":
@@ -92,11 +94,19 @@ def load_autoencoder(path: str | os.PathLike, subfolder: str | None = None) -> A
                 f"{local}: no config.json here; pass a diffusers AutoencoderKL folder "
                 "(config.json + diffusion_pytorch_model.safetensors) or a pipeline folder with vae/"
             )
-        if json.loads(cfg.read_text()).get("_class_name") == "MLPVAE":
+    # use_safetensors: a folder holding only a pickled .bin is refused rather than unpickled.
+    try:
+        if local.exists() and json.loads(cfg.read_text()).get("_class_name") == "MLPVAE":
             from .mlp_vae import MLPVAE
 
-            return MLPVAE.from_pretrained(str(path), subfolder=subfolder)
-    return AutoencoderKL.from_pretrained(str(path), subfolder=subfolder)
+            return MLPVAE.from_pretrained(str(path), subfolder=subfolder, use_safetensors=True)
+        return AutoencoderKL.from_pretrained(str(path), subfolder=subfolder, use_safetensors=True)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise CodecLoadError(f"{path}: cannot load the codec ({type(exc).__name__}: {exc})") from exc
+
+
+class CodecLoadError(ValueError):
+    """A codec folder that is missing files or holds malformed ones (the message names them)."""
 
 
 def count_parameters(module) -> int:

@@ -42,6 +42,18 @@ LATENT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.fl
 STORES = ("mean", "sample", "mean_std")
 
 
+class ShardError(ValueError):
+    """A shard, manifest or record that is malformed; the message names the file."""
+
+
+def read_json(path: Path, kind: type[ValueError] = ValueError):
+    """Parse a JSON file, raising ``kind`` (a ValueError) naming the file when it is not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise kind(f"{path}: not valid JSON ({exc})") from exc
+
+
 class JobMismatchError(ValueError):
     """The output folder holds a different job (codec, settings or inputs)."""
 
@@ -114,23 +126,45 @@ def write_shard(
 
 
 def read_shard_entry(path: Path) -> tuple[dict, dict]:
-    """A shard read on its own: ``(job, entry)`` from its safetensors header (no tensor data)."""
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-        names = sorted(f.keys())
-        shape = list(f.get_slice(names[0]).get_shape()) if names else []
+    """A shard read on its own: ``(job, entry)`` from its safetensors header (no tensor data).
+
+    Raises FileNotFoundError when ``path`` is missing and :class:`ShardError` (a ValueError)
+    naming the file for anything else: not safetensors, not one of our shards, malformed
+    metadata. Nothing else comes out (the reader is fuzzed, tests/test_untrusted_files.py).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such shard file")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            names = sorted(f.keys())
+            shapes = {n: list(f.get_slice(n).get_shape()) for n in names}
+    except Exception as exc:  # safetensors raises SafetensorError, OSError or others on bad headers
+        raise ShardError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a {FORMAT} shard (no '{FORMAT}' format tag in its metadata)")
-    entry = {
-        "file": path.name,
-        "rows": shape[0],
-        "latent_shape": shape[1:],
-        "tensors": names,
-        "keys": json.loads(meta["keys"]),
-        "original_sizes": json.loads(meta["original_sizes"]),
-        "crops_top_left": json.loads(meta["crops_top_left"]),
-    }
-    return json.loads(meta["job"]), entry
+        raise ShardError(f"{path}: not a {FORMAT} shard (no '{FORMAT}' format tag in its metadata)")
+    try:
+        job = json.loads(meta["job"])
+        entry = {
+            "file": path.name,
+            "tensors": names,
+            "keys": json.loads(meta["keys"]),
+            "original_sizes": json.loads(meta["original_sizes"]),
+            "crops_top_left": json.loads(meta["crops_top_left"]),
+        }
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ShardError(f"{path}: malformed shard metadata ({type(exc).__name__}: {exc})") from exc
+    expected = ({"latents"}, {"mean", "std"})
+    shape_set = {tuple(s) for s in shapes.values()}
+    if set(names) not in expected or len(shape_set) != 1 or len(next(iter(shape_set))) != 4:
+        raise ShardError(f"{path}: expected tensors 'latents' or 'mean'+'std' of one (N, C, h, w) shape, got {shapes}")
+    shape = next(iter(shape_set))
+    rows = [entry["keys"], entry["original_sizes"], entry["crops_top_left"]]
+    if not isinstance(job, dict) or any(not isinstance(r, list) or len(r) != shape[0] for r in rows):
+        raise ShardError(f"{path}: metadata does not describe its {shape[0]} rows")
+    entry.update(rows=shape[0], latent_shape=list(shape[1:]))
+    return job, entry
 
 
 # ------------------------------------------------------------------------- job and records
@@ -156,7 +190,7 @@ def check_or_write_job(out: Path, job: dict, write: bool) -> None:
     """Refuse an output made by another job; ``write`` the job file when there is none yet."""
     path = out / JOB_FILE
     if path.exists():
-        diffs = job_differences(json.loads(path.read_text()), job)
+        diffs = job_differences(read_json(path, ShardError), job)
         if diffs:
             raise JobMismatchError(
                 f"{out} holds latents of a different job ({'; '.join(diffs)}); rerun with the "
@@ -176,7 +210,7 @@ def load_record(out: Path, chunk: int) -> dict | None:
     path = record_path(out, chunk)
     if not path.exists():
         return None
-    record = json.loads(path.read_text())
+    record = read_json(path, ShardError)
     for shard in record["shards"]:
         f = out / shard["file"]
         if not f.exists() or f.stat().st_size != shard["bytes"]:
@@ -225,6 +259,7 @@ def merge_manifest(out: Path, job: dict, num_chunks: int) -> dict:
 
 
 def load_manifest(out: str | os.PathLike) -> dict:
+    """``out/manifest.json``; FileNotFoundError when absent, :class:`ShardError` when malformed."""
     out = Path(out)
     path = out / MANIFEST_FILE
     if not path.exists():
@@ -234,9 +269,20 @@ def load_manifest(out: str | os.PathLike) -> dict:
             else "not a compressed dataset (make one with `vae-codec compress`)"
         )
         raise FileNotFoundError(f"{path} is missing: {hint}")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a {FORMAT} manifest")
+    manifest = read_json(path, ShardError)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ShardError(f"{path}: not a {FORMAT} manifest (no '{FORMAT}' format tag)")
+    problems = [k for k in ("codec", "inputs", "shards", "skipped") if k not in manifest]
+    try:
+        if not problems:
+            problems = [f"codec.{k}" for k in ("scaling_factor", "shift_factor") if k not in manifest["codec"]]
+            for i, shard in enumerate(manifest["shards"]):
+                missing = [k for k in ("file", "rows", "latent_shape", "tensors", "keys") if k not in shard]
+                problems += [f"shards[{i}].{k}" for k in missing]
+    except TypeError:  # a list where a dict belongs, a number where a list belongs...
+        problems = ["the expected structure"]
+    if problems:
+        raise ShardError(f"{path}: malformed manifest, missing {', '.join(problems[:5])}")
     return manifest
 
 
