@@ -7,11 +7,12 @@ All presets are "kl-f8": three 2x downsamplings (8x) to 4 latent channels.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from diffusers import AutoencoderKL
+
+from .shards import read_json
 
 # Shared by every preset: the kl-f8 topology of Stable Diffusion.
 _KL_F8 = dict(
@@ -94,9 +95,10 @@ def load_autoencoder(path: str | os.PathLike, subfolder: str | None = None) -> A
                 f"{local}: no config.json here; pass a diffusers AutoencoderKL folder "
                 "(config.json + diffusion_pytorch_model.safetensors) or a pipeline folder with vae/"
             )
+    is_mlp = local.exists() and read_json(cfg, CodecLoadError).get("_class_name") == "MLPVAE"
     # use_safetensors: a folder holding only a pickled .bin is refused rather than unpickled.
     try:
-        if local.exists() and json.loads(cfg.read_text()).get("_class_name") == "MLPVAE":
+        if is_mlp:
             from .mlp_vae import MLPVAE
 
             return MLPVAE.from_pretrained(str(path), subfolder=subfolder, use_safetensors=True)
