@@ -170,3 +170,24 @@ def load_accelerate_state(accelerator, folder: Path) -> None:
                 f"tensors and numbers (not unpickled, as that could run code): {first_line}"
             ) from exc
     accelerator.load_state(str(folder))
+
+
+def save_checkpoint(accelerator, ckpt_dir: Path, step: int, own_state: dict, keep: int,
+                    write_extras) -> Path:
+    """Write ``step_XXXXXXXX`` atomically: accelerate's state, ``own_state`` (see
+    :func:`save_objects`) and whatever ``write_extras(folder)`` adds (config, export), then
+    mark it complete and prune. Every process calls this (accelerate writes per-process RNG
+    states); the main process writes the rest."""
+    name = checkpoint_name(step)
+    tmp = ckpt_dir / f"{name}.tmp"
+    if accelerator.is_main_process and tmp.exists():  # left by a run killed while saving this step
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        save_objects(tmp, own_state)
+        write_extras(tmp)
+        finish(tmp, ckpt_dir / name)
+        prune(ckpt_dir, keep)
+    accelerator.wait_for_everyone()
+    return ckpt_dir / name

@@ -226,21 +226,13 @@ def _train(cfg: LDMConfig) -> Path:
                 ema.restore(raw.parameters())
 
     def save_checkpoint() -> Path:
-        name = ckpt.checkpoint_name(state.step)
-        tmp = ckpt_dir / f"{name}.tmp"
-        if is_main and tmp.exists():  # left by a run killed while saving this very step
-            shutil.rmtree(tmp)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        if is_main:
-            ckpt.save_objects(tmp, own_state)
-            save_config(cfg, tmp / "config.yaml")
-            (tmp / "unet_config.json").write_text(json.dumps(ckpt.architecture(raw.config), indent=2))
-            export(tmp / "pipeline")
-            ckpt.finish(tmp, ckpt_dir / name)
-            ckpt.prune(ckpt_dir, cfg.keep_checkpoints)
-        accelerator.wait_for_everyone()
-        return ckpt_dir / name
+        def write_extras(folder: Path) -> None:
+            save_config(cfg, folder / "config.yaml")
+            (folder / "unet_config.json").write_text(json.dumps(ckpt.architecture(raw.config), indent=2))
+            export(folder / "pipeline")
+
+        return ckpt.save_checkpoint(accelerator, ckpt_dir, state.step, own_state, cfg.keep_checkpoints,
+                                    write_extras)
 
     # ---------------------------------------------------------------- the loop
     epoch, skip = divmod(state.step, batches_per_epoch)

@@ -250,22 +250,13 @@ def _train(cfg: TrainConfig) -> Path:
     scale_images: list[torch.Tensor] = []  # filled on first export: fixed crops, main process only
 
     def save_checkpoint() -> Path:
-        """All processes call this (accelerate writes per-process RNG states)."""
-        name = ckpt.checkpoint_name(state.step)
-        tmp = ckpt_dir / f"{name}.tmp"
-        if is_main and tmp.exists():  # left by a run killed while saving this very step
-            shutil.rmtree(tmp)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        if is_main:
-            ckpt.save_objects(tmp, own_state)
-            save_config(cfg, tmp / "config.yaml")
-            (tmp / "vae_config.json").write_text(json.dumps(ckpt.architecture(raw_vae.config), indent=2))
-            export_codec(tmp / "codec")
-            ckpt.finish(tmp, ckpt_dir / name)
-            ckpt.prune(ckpt_dir, cfg.keep_checkpoints)
-        accelerator.wait_for_everyone()
-        return ckpt_dir / name
+        def write_extras(folder: Path) -> None:
+            save_config(cfg, folder / "config.yaml")
+            (folder / "vae_config.json").write_text(json.dumps(ckpt.architecture(raw_vae.config), indent=2))
+            export_codec(folder / "codec")
+
+        return ckpt.save_checkpoint(accelerator, ckpt_dir, state.step, own_state, cfg.keep_checkpoints,
+                                    write_extras)
 
     def eval_codec() -> Codec:
         """A detached fp32 copy of the current weights (EMA where on) wrapped as a Codec."""
