@@ -9,6 +9,7 @@ BENCHMARKS.md when it exists and skips, saying so, otherwise; scripts/bench_tili
 measures the same on more Kodak images (BENCHMARKS.md, "Big images").
 """
 
+import os
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from codec.images import load_image, pil_to_tensor, save_image
 from codec.models import build_autoencoder
 from codec.tiling import tile_grid, tiled_decode
 
-from conftest import shared, smooth_image
+from conftest import REPO, shared, smooth_image
 
 
 def psnr(a, b):
@@ -58,7 +59,9 @@ def test_a_tile_covering_the_image_is_the_untiled_run(codec, latents):
     assert torch.equal(tiled_decode(codec.vae, latents, 256, 32), ref)
 
 
-TRAINED = Path(__file__).resolve().parents[2] / "main" / "runs" / "bench-q2" / "codec"
+# The trial-q2 codec of BENCHMARKS.md (`runs/bench-q2/codec` of a checkout that ran it), or any
+# trained kl-f8 codec named by VAE_CODEC_TRAINED_CODEC. A fresh clone has none: the test skips.
+TRAINED = Path(os.environ.get("VAE_CODEC_TRAINED_CODEC", REPO / "runs" / "bench-q2" / "codec"))
 
 
 @pytest.mark.slow
@@ -66,7 +69,8 @@ TRAINED = Path(__file__).resolve().parents[2] / "main" / "runs" / "bench-q2" / "
 def test_trained_codec_tiles_without_seams_and_beats_diffusers():
     """A real trained codec (the tiny one of BENCHMARKS.md) on a real photo, 6 tiles."""
     if not (TRAINED / "config.json").exists():
-        pytest.skip(f"no trained codec at {TRAINED} (made by the BENCHMARKS.md training run)")
+        pytest.skip(f"no trained codec at {TRAINED} (made by the BENCHMARKS.md training run; "
+                    "or set VAE_CODEC_TRAINED_CODEC)")
     vae = Codec.from_pretrained(TRAINED, device="cpu").vae
     x = pil_to_tensor(load_image(shared("kodak", "kodim01.png")))[None][..., :256, :384]
     z = Codec(vae, device="cpu").posterior(x)[0]
