@@ -93,7 +93,8 @@ def tile_args(p) -> None:
     p.add_argument("--tile-margin", type=int, default=None,
                    help="context pixels around each tile's kept centre (default: a quarter of the tile)")
     p.add_argument("--tile-passes", type=int, default=DEFAULT_PASSES,
-                   help="passes refining whole-image GroupNorm statistics (0 = fastest, seams likelier)")
+                   help="at most this many passes refining whole-image GroupNorm statistics; they "
+                        "stop once the statistics settle (0 = fastest, seams likelier)")
 
 
 def cmd_encode(args) -> int:

@@ -12,16 +12,18 @@ so each tile gets its own brightness and contrast. Here every GroupNorm uses sta
 1. preview: the input is shrunk (area average) to fit one tile and run once, recording each
    GroupNorm's per-image, per-group mean and variance. Cheap but rough: a shrunken input is
    not a typical input, and later layers' variances come out 20-100% off.
-2. ``passes`` refinement passes over all tiles: each normalises with the current estimate and
+2. up to ``passes`` refinement passes over all tiles: each normalises with the current estimate and
    accumulates every layer's actual statistics over the cores. This is a fixed-point
    iteration whose fixed point is the untiled run's statistics; pass n makes the first n
    GroupNorm layers exact and brings the rest closer. On a trained tiny codec (22 GroupNorm
    layers; Kodak kodim01, 384 px tiles, 128 px margins) 4 passes give 46 dB against
    untiled, 2 give 34, 0 give 35.6; the untiled run's own statistics would give 55 dB.
+   Refinement stops early once no layer's statistics move by more than ``STATS_TOLERANCE``
+   (relative) from one pass to the next: a fixed point has been reached.
 3. the output pass, every GroupNorm using the refined whole-image statistics.
 
-Each pass costs about one tiled decode, so the default (4) costs ~6x an untiled decode; set
-``passes=0`` where speed matters more than the last dB.
+Each pass costs about one tiled decode, so the worst case of the default (at most 12 passes)
+costs ~14x an untiled decode; set ``passes=0`` where speed matters more than the last dB.
 
 The mid-block attention stays tile-local (attention over a 4096² image's 512² latents would
 need a 2.6e5² matrix); the margins give it the neighbourhood it mostly attends to.
@@ -39,7 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 DOWNSAMPLE = 8
-DEFAULT_PASSES = 4
+DEFAULT_PASSES = 12  # the most refinement passes; they stop once the statistics settle
+STATS_TOLERANCE = 1e-3
 
 
 # ------------------------------------------------------------------------- the tile grid
@@ -120,12 +123,20 @@ class _Stats:
             y = y * norm.weight.float().reshape(shape) + norm.bias.float().reshape(shape)
         return y.to(x.dtype)
 
-    def finish_accumulation(self) -> None:
-        """Turn the accumulated sums into the statistics the next pass uses."""
+    def finish_accumulation(self) -> float:
+        """Turn the accumulated sums into the statistics the next pass uses; returns the
+        largest relative change of any layer's mean (in standard deviations) or variance."""
+        change = 0.0
         for key, (s, s2, n) in self.sums.items():
             mean = s / n
-            self.fixed[key] = (mean.float(), (s2 / n - mean * mean).clamp_min(0).float())
+            new = (mean.float(), (s2 / n - mean * mean).clamp_min(0).float())
+            old_mean, old_var = self.fixed[key]
+            scale = old_var + 1e-6
+            change = max(change, float(((new[0] - old_mean).abs() / scale.sqrt()).max()),
+                         float(((new[1] - old_var).abs() / scale).max()))
+            self.fixed[key] = new
         self.sums = {}
+        return change
 
     @contextlib.contextmanager
     def installed(self):
@@ -190,7 +201,8 @@ def run_tiled(
             norm_stats.mode = "accumulate"
             for _ in tiles():
                 pass
-            norm_stats.finish_accumulation()
+            if norm_stats.finish_accumulation() < STATS_TOLERANCE:
+                break  # settled: more passes would not change the output
 
         # 3. the output, every GroupNorm using the whole-image statistics
         norm_stats.mode = "fixed"
