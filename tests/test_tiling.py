@@ -60,30 +60,52 @@ def test_a_tile_covering_the_image_is_the_untiled_run(codec, latents):
 
 
 # The trial-q2 codec of BENCHMARKS.md (`runs/bench-q2/codec` of a checkout that ran it), or any
-# trained kl-f8 codec named by VAE_CODEC_TRAINED_CODEC. A fresh clone has none: the test skips.
+# trained kl-f8 codec named by VAE_CODEC_TRAINED_CODEC. Without one (a fresh clone, CI), the
+# test trains the "test" preset on BSDS500 crops for 300 steps: random weights say nothing
+# about seams (their statistics iteration need not settle), a briefly trained codec does.
 TRAINED = Path(os.environ.get("VAE_CODEC_TRAINED_CODEC", REPO / "runs" / "bench-q2" / "codec"))
 
 
+def trained_codec(tmp_path) -> tuple[Path, int]:
+    """A trained codec folder and the tile size to test it with."""
+    if (TRAINED / "config.json").exists():
+        return TRAINED, 256
+    from train.__main__ import main as train_main
+
+    out = tmp_path / "trained"
+    assert train_main([str(REPO / "configs" / "tiny.yaml"), "--set", "model.preset=test",
+                       "--set", f"output_dir={out}", "--set", f"data.train={shared('bsds500', 'train')}",
+                       "--set", "data.crop_size=64", "--set", "batch_size=8", "--set", "max_steps=300",
+                       "--set", "optim.warmup_steps=20", "--set", "checkpoint_every=1000",
+                       "--set", "image_every=0", "--set", "scale_samples=8", "--set", "ema_decay=0"]) == 0
+    return out / "codec", 128  # a narrower codec: smaller tiles, more of them (12 here)
+
+
 @pytest.mark.slow
-@torch.no_grad()
-def test_trained_codec_tiles_without_seams_and_beats_diffusers():
-    """A real trained codec (the tiny one of BENCHMARKS.md) on a real photo, 6 tiles."""
-    if not (TRAINED / "config.json").exists():
-        pytest.skip(f"no trained codec at {TRAINED} (made by the BENCHMARKS.md training run; "
-                    "or set VAE_CODEC_TRAINED_CODEC)")
-    vae = Codec.from_pretrained(TRAINED, device="cpu").vae
+def test_trained_codec_tiles_without_seams_and_beats_diffusers(tmp_path):
+    """A trained codec on a real photo crop (256×384), tiled vs untiled decoding."""
+    folder, tile = trained_codec(tmp_path)
+    with torch.no_grad():
+        quality, diffusers = seam_quality(Codec.from_pretrained(folder, device="cpu").vae, tile)
+    print(quality, diffusers)
+    # The issue's bar: tiled agrees with untiled to >= 40 dB and beats diffusers' tiling.
+    # Measured: q2 codec, 256 px tiles 57.3 dB vs diffusers 34.4; the 300-step "test" codec,
+    # 128 px tiles 45.8 dB vs 25.4.
+    assert quality[DEFAULT_PASSES] >= 40 and quality[DEFAULT_PASSES] > diffusers + 3, (quality, diffusers)
+    assert quality[0] < quality[DEFAULT_PASSES]  # the refinement is what gets it there
+
+
+def seam_quality(vae, tile: int) -> tuple[dict, float]:
+    """PSNR of tiled vs untiled decoding of a kodim01 crop: ours by passes, and diffusers'."""
     x = pil_to_tensor(load_image(shared("kodak", "kodim01.png")))[None][..., :256, :384]
     z = Codec(vae, device="cpu").posterior(x)[0]
     ref = vae.decode(z).sample
-    quality = {p: psnr(tiled_decode(vae, z, 256, 64, passes=p), ref) for p in (0, DEFAULT_PASSES)}
+    quality = {p: psnr(tiled_decode(vae, z, tile, tile // 4, passes=p), ref) for p in (0, DEFAULT_PASSES)}
     vae.enable_tiling()
-    vae.tile_sample_min_size, vae.tile_latent_min_size = 256, 32
+    vae.tile_sample_min_size, vae.tile_latent_min_size = tile, tile // 8
     diffusers = psnr(vae.decode(z).sample, ref)
     vae.disable_tiling()
-    print(quality, diffusers)
-    # The issue's bar: tiled agrees with untiled to >= 40 dB and beats diffusers' tiling.
-    assert quality[DEFAULT_PASSES] >= 40 and quality[DEFAULT_PASSES] > diffusers + 3, (quality, diffusers)
-    assert quality[0] < quality[DEFAULT_PASSES]  # the refinement is what gets it there
+    return quality, diffusers
 
 
 def test_tiled_encode_and_codec_api(codec):
