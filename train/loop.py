@@ -363,7 +363,7 @@ def _train(cfg: TrainConfig) -> Path:
                     # One collective per step: every rank skips, stops or is interrupted together.
                     nonfinite, over_time, signalled = _agree(
                         accelerator, nonfinite, over_time, signals.requested is not None)
-                    latest = ckpt.latest_checkpoint(ckpt_dir)
+                    latest = ckpt.latest_checkpoint(ckpt_dir) if nonfinite else None  # for the message only
                     if not guard.update(not nonfinite, state.step, logs, latest and str(latest)):
                         if cfg.loss.learn_logvar and accelerator.num_processes > 1:
                             gen_loss.logvar.grad = accelerator.reduce(gen_loss.logvar.grad, "mean")
