@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .codec import Codec
-from .tiling import DEFAULT_PASSES
+from .tiling import DEFAULT_METHOD, METHODS
 from .images import ImageLoadError, list_images, load_image, pil_to_tensor, save_image
 from .single_file import is_single_file, save_single_file
 
@@ -82,7 +82,7 @@ def _load_crop(path: Path, size: int) -> torch.Tensor | None:
 def _codec(args) -> Codec:
     return Codec.from_pretrained(
         args.codec, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-        tile_size=args.tile_size, tile_margin=args.tile_margin, tile_passes=args.tile_passes,
+        tile_size=args.tile_size, tile_overlap=args.tile_overlap, tile_method=args.tile_method,
     )
 
 
@@ -90,11 +90,14 @@ def tile_args(p) -> None:
     """--tile-size & co. (encode, decode, decompress): see codec.tiling."""
     p.add_argument("--tile-size", type=int, default=None,
                    help="process images larger than this many pixels in tiles (memory bounded by the tile)")
-    p.add_argument("--tile-margin", type=int, default=None,
-                   help="context pixels around each tile's kept centre (default: a quarter of the tile)")
-    p.add_argument("--tile-passes", type=int, default=DEFAULT_PASSES,
-                   help="at most this many passes refining whole-image GroupNorm statistics; they "
-                        "stop once the statistics settle (0 = fastest, seams likelier)")
+    p.add_argument("--tile-overlap", type=int, default=None,
+                   help="stats/blend: pixels by which neighbouring tiles overlap and are blended "
+                        "(default: a quarter of the tile)")
+    p.add_argument("--tile-method", choices=METHODS, default=DEFAULT_METHOD,
+                   help="exact (default): the untiled result, one tile at a time (host memory holds "
+                        "whole-image activations; falls back to blend, with a warning, where they do "
+                        "not fit); stats: whole-image GroupNorm statistics estimated in one extra pass; "
+                        "blend: each tile its own statistics (plain overlap-and-blend)")
 
 
 def cmd_encode(args) -> int:

@@ -26,7 +26,7 @@ from .images import tensor_to_pil, to_batch
 from .models import load_autoencoder
 from .precision import run_checked
 from .shards import read_json
-from .tiling import DEFAULT_PASSES, split_tile_size, tiled_decode, tiled_encode
+from .tiling import DEFAULT_METHOD, check_method, split_tile_size, tiled_decode, tiled_encode
 
 # Extra metadata saved beside diffusers' files (diffusers ignores unknown files in the folder).
 META_FILE = "vae_codec.json"
@@ -51,10 +51,11 @@ class Codec:
     ``images`` may be PIL images, uint8 (H, W, 3) arrays or float (B, 3, H, W) tensors in
     [-1, 1]; work is split into batches of ``batch_size`` internally.
 
-    ``tile_size`` (pixels) encodes/decodes images larger than that tile by tile, with memory
-    bounded by the tile and whole-image GroupNorm statistics (see :mod:`codec.tiling`);
-    ``tile_margin`` and ``tile_passes`` tune it. In fp16/bf16 a batch whose result overflows
-    (inf/NaN) is redone in float32, with a warning; ``fallbacks`` counts them.
+    ``tile_size`` (pixels) encodes/decodes images larger than that tile by tile, with device
+    memory bounded by the tile. ``tile_method`` "exact" (default) gives the untiled result;
+    "stats" and "blend" also bound host memory, overlapping tiles by ``tile_overlap`` pixels
+    (default a quarter of the tile) (see :mod:`codec.tiling`). In fp16/bf16 a batch whose
+    result overflows (inf/NaN) is redone in float32, with a warning; ``fallbacks`` counts them.
     """
 
     def __init__(
@@ -65,8 +66,8 @@ class Codec:
         batch_size: int = 8,
         meta: dict | None = None,
         tile_size: int | None = None,
-        tile_margin: int | None = None,
-        tile_passes: int = DEFAULT_PASSES,
+        tile_overlap: int | None = None,
+        tile_method: str = DEFAULT_METHOD,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -80,8 +81,10 @@ class Codec:
         self.batch_size = batch_size
         self.meta = dict(meta or {})
         if tile_size:
-            split_tile_size(tile_size, tile_margin)  # a bad tile setting fails here, not mid-job
-        self.tile_size, self.tile_margin, self.tile_passes = tile_size, tile_margin, tile_passes
+            split_tile_size(tile_size, tile_overlap)  # a bad tile setting fails here, not mid-job
+        self.tile_size, self.tile_overlap = tile_size, tile_overlap
+        self.tile_method = check_method(tile_method)
+        self.name = f"this {type(vae).__name__}"  # what warnings call it; from_pretrained: the path
         self.fallbacks = 0  # batches redone in float32 after a half-precision overflow
 
     # ------------------------------------------------------------------ loading and saving
@@ -91,11 +94,13 @@ class Codec:
         single-file ``.safetensors`` in the CompVis/LDM layout (e.g. a downloaded SD VAE)."""
         if single_file.is_single_file(path):
             vae, meta = single_file.load_single_file(path)
-            return cls(vae, meta=meta, **kwargs)
-        vae = load_autoencoder(path)
-        meta_path = Path(path) / META_FILE
-        meta = read_json(meta_path) if meta_path.exists() else {}
-        return cls(vae, meta=meta, **kwargs)
+        else:
+            vae = load_autoencoder(path)
+            meta_path = Path(path) / META_FILE
+            meta = read_json(meta_path) if meta_path.exists() else {}
+        codec = cls(vae, meta=meta, **kwargs)
+        codec.name = str(path)
+        return codec
 
     def save_pretrained(self, path: str | os.PathLike, meta: dict | None = None) -> Path:
         """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` (+ our metadata)."""
@@ -162,13 +167,13 @@ class Codec:
 
     def _encode_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.tile_size:
-            return tiled_encode(self.vae, x, self.tile_size, self.tile_margin, self.tile_passes)
+            return tiled_encode(self.vae, x, self.tile_size, self.tile_overlap, self.tile_method, self.name)
         dist = self.vae.encode(x).latent_dist
         return dist.mean, dist.logvar
 
     def _decode_batch(self, z: torch.Tensor) -> torch.Tensor:
         if self.tile_size:
-            return tiled_decode(self.vae, z, self.tile_size, self.tile_margin, self.tile_passes)
+            return tiled_decode(self.vae, z, self.tile_size, self.tile_overlap, self.tile_method, self.name)
         return self.vae.decode(z).sample
 
     @torch.no_grad()

@@ -43,6 +43,7 @@ from .factors import scale_latents, scale_std
 from .images import IMAGE_EXTENSIONS, ImageLoadError, list_images, load_image, save_image
 from .models import load_autoencoder
 from . import shards as sh
+from .tiling import check_method
 from . import single_file
 
 COMPRESSED_TARS = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
@@ -419,7 +420,7 @@ def codec_of_latents(manifest: dict, codec_path=None, **kwargs) -> Codec:
 
 def decompress(
     latents_dir, output, codec_path=None, device=None, dtype="fp32", batch_size=8,
-    tile_size=None, tile_margin=None, tile_passes=None,
+    tile_size=None, tile_overlap=None, tile_method=None,
 ) -> int:
     """Decode every shard row to ``output/<key>.png`` (the suffix replaced); returns the count."""
     from safetensors import safe_open
@@ -427,8 +428,8 @@ def decompress(
     out_dir, src = Path(output), Path(latents_dir)
     manifest = sh.load_manifest(src)
     codec = codec_of_latents(manifest, codec_path, device=device, dtype=dtype, batch_size=batch_size)
-    codec.tile_size, codec.tile_margin = tile_size, tile_margin
-    codec.tile_passes = codec.tile_passes if tile_passes is None else tile_passes
+    codec.tile_size, codec.tile_overlap = tile_size, tile_overlap
+    codec.tile_method = codec.tile_method if tile_method is None else check_method(tile_method)
     used, count = set(), 0
     for shard in manifest["shards"]:
         with safe_open(str(src / shard["file"]), "pt") as f:
@@ -575,7 +576,7 @@ def cmd_verify(args) -> int:
 def cmd_decompress(args) -> int:
     n = decompress(
         args.latents, args.output, args.codec, args.device, args.dtype, args.batch_size,
-        args.tile_size, args.tile_margin, args.tile_passes,
+        args.tile_size, args.tile_overlap, args.tile_method,
     )
     print(f"decoded {n} images into {args.output}")
     return 0

@@ -1,156 +1,122 @@
-"""Tiled encoding and decoding: any image size, memory bounded by the tile, no seams.
+"""Tiled encoding and decoding: any image size, device memory bounded by the tile, no seams.
 
-A tile is decoded (or encoded) with a ``margin`` of real neighbouring context on every side
-that has one, and only its centre ("core") is kept; the cores partition the image, so no
-blending is needed and the convolutions near a core's edge see the same context as untiled.
+Three methods (``tile_method``), best first:
 
-What makes naive tiling (diffusers' ``enable_tiling``) show seams is not the convolutions but
-GroupNorm: every GroupNorm layer normalises with the mean and variance of whatever it is given,
-so each tile gets its own brightness and contrast. Here every GroupNorm uses statistics of the
-*whole image*, measured with memory bounded by the tile:
+- ``"exact"`` (the default): the untiled result, to floating-point rounding, computed one tile
+  at a time (:mod:`codec.streaming`): each high-resolution stage runs over halo'd tiles with
+  exact whole-image GroupNorm statistics, the latent-resolution mid block untiled. Costs ~1.2-1.5
+  untiled runs; the device holds one tile, the host two whole-image activations of the widest
+  full-resolution stage. Where those do not fit in half the available host memory, or the model
+  is not the diffusers kl-f8 layout, it falls back to ``"blend"`` and says so (once per codec).
+- ``"stats"``: bounded host memory too. One *statistics pass* over tiles that partition the
+  image, each normalised with its own statistics, pools every GroupNorm layer's sums (pooled
+  E[x] and E[x^2] give the whole-image mean and variance: exact for the first layer, close for
+  the later ones); the output pass then normalises every tile with them. Measured far better
+  than ``"blend"`` on most images but not all (BENCHMARKS.md, "Tiling"); if the statistics the
+  output pass sees stray wildly from the estimate, or the output is not finite, it is redone
+  with ``"blend"`` with a warning.
+- ``"blend"``: plain overlap-and-blend, each tile normalised with its own statistics (what
+  diffusers' ``enable_tiling()`` does; GroupNorm then gives each tile its own brightness and
+  contrast: colour steps between tiles).
 
-1. preview: the input is shrunk (area average) to fit one tile and run once, recording each
-   GroupNorm's per-image, per-group mean and variance. Cheap but rough: a shrunken input is
-   not a typical input, and later layers' variances come out 20-100% off.
-2. up to ``passes`` refinement passes over all tiles: each normalises with the current estimate and
-   accumulates every layer's actual statistics over the cores. This is a fixed-point
-   iteration whose fixed point is the untiled run's statistics; pass n makes the first n
-   GroupNorm layers exact and brings the rest closer. On a trained tiny codec (22 GroupNorm
-   layers; Kodak kodim01, 384 px tiles, 128 px margins) 4 passes give 46 dB against
-   untiled, 2 give 34, 0 give 35.6; the untiled run's own statistics would give 55 dB.
-   Refinement stops early once no layer's statistics move by more than ``STATS_TOLERANCE``
-   (relative) from one pass to the next: a fixed point has been reached.
-3. the output pass, every GroupNorm using the refined whole-image statistics.
-
-Each pass costs about one tiled decode, so the worst case of the default (at most 12 passes)
-costs ~14x an untiled decode; set ``passes=0`` where speed matters more than the last dB.
-
-The mid-block attention stays tile-local (attention over a 4096² image's 512² latents would
-need a 2.6e5² matrix); the margins give it the neighbourhood it mostly attends to.
-BENCHMARKS.md ("Big images") measures tiled vs untiled PSNR, ours and diffusers'.
+``"stats"`` and ``"blend"`` overlap neighbouring tiles by ``overlap`` pixels (default a quarter
+of the tile) and blend them with linear ramps, so a pixel near one tile's edge is mostly taken
+from the tile it lies deeper inside. Their cost at 2048² is under 3 untiled decodes (counted in
+tests/test_tiling.py); their mid-block attention is tile-local.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Callable, Iterator
+import os
+import warnings
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
+from . import streaming
+from .groupnorm import TileNorms
+
 DOWNSAMPLE = 8
-DEFAULT_PASSES = 12  # the most refinement passes; they stop once the statistics settle
-STATS_TOLERANCE = 1e-3
+METHODS = ("exact", "stats", "blend")
+DEFAULT_METHOD = "exact"
+HOST_MEMORY_FRACTION = 0.5  # of the available host memory, for the exact path's activations
+# Largest relative residual (a mean's error in standard deviations, or a variance's as a
+# fraction) between the statistics the output pass normalised with and those it then measured,
+# above which "stats" is taken to have diverged and falls back to "blend". Tile-local context
+# alone makes the residual nonzero even with the untiled run's exact statistics (0.01-0.33
+# measured); the one-pass estimate measured 0.02-4.8 on random, 40-step and trained weights
+# and was better than "blend" on every image (BENCHMARKS.md, "Tiling"). An estimate off by
+# more than an order of magnitude beyond that is not trusted.
+STATS_TOLERANCE = 50.0
+
+Span = tuple[int, int]
 
 
 # ------------------------------------------------------------------------- the tile grid
-def tile_grid(h: int, w: int, core: int, margin: int) -> Iterator[tuple[tuple[int, int, int, int], tuple[int, int, int, int]]]:
-    """Yield ``(core box, tile box)`` as (top, bottom, left, right) in latent units.
-
-    Cores of ``core`` latents cover the image exactly; each tile box is its core grown by
-    ``margin`` latents and clipped to the image.
-    """
-    for top in range(0, h, core):
-        bottom = min(top + core, h)
-        for left in range(0, w, core):
-            right = min(left + core, w)
-            yield (top, bottom, left, right), (
-                max(top - margin, 0), min(bottom + margin, h), max(left - margin, 0), min(right + margin, w)
-            )
+def tile_spans(length: int, tile: int, overlap: int) -> list[Span]:
+    """``[start, end)`` spans of at most ``tile`` covering ``range(length)``, neighbours
+    overlapping by at least ``overlap``, all of one size and spread evenly (so no thin last
+    tile, whose own statistics and context would be poor)."""
+    if length <= tile:
+        return [(0, length)]
+    n = math.ceil((length - overlap) / (tile - overlap))
+    size = math.ceil((length + (n - 1) * overlap) / n)  # <= tile
+    starts = [round(i * (length - size) / (n - 1)) for i in range(n)]
+    return [(s, s + size) for s in starts]
 
 
-def split_tile_size(tile_size: int, margin: int | None) -> tuple[int, int]:
-    """Tile and margin in pixels -> (core, margin) in latent units.
+def owned_spans(spans: list[Span]) -> list[Span]:
+    """The part of each span that it alone accounts for: overlaps are split at their middle,
+    so the owned spans partition the whole length (used to pool statistics exactly once)."""
+    cuts = [spans[0][0]] + [(a[1] + b[0]) // 2 for a, b in zip(spans, spans[1:])] + [spans[-1][1]]
+    return list(zip(cuts, cuts[1:]))
 
-    ``tile_size`` is what the model sees at once (core + a margin each side), so it bounds the
-    memory; ``margin`` defaults to a quarter of the tile.
+
+def blend_ramp(spans: list[Span], i: int, scale: int) -> torch.Tensor:
+    """Weights (size * scale,) for span ``i``: 1 inside, linear ramps across the overlaps with
+    its neighbours; the ramps of two neighbours add up to exactly 1 across their overlap."""
+    start, end = spans[i]
+    pos = torch.arange(start * scale, end * scale, dtype=torch.float32) + 0.5
+    weight = torch.ones_like(pos)
+    if i > 0 and spans[i - 1][1] > start:
+        weight = torch.minimum(weight, (pos - start * scale) / ((spans[i - 1][1] - start) * scale))
+    if i + 1 < len(spans) and spans[i + 1][0] < end:
+        weight = torch.minimum(weight, (end * scale - pos) / ((end - spans[i + 1][0]) * scale))
+    return weight
+
+
+def split_tile_size(tile_size: int, overlap: int | None) -> tuple[int, int]:
+    """Tile and overlap in pixels -> (tile, overlap) in latent units, checked.
+
+    ``tile_size`` is the most the model sees at once, so it bounds the memory; ``overlap``
+    defaults to a quarter of the tile.
     """
     if tile_size < 4 * DOWNSAMPLE or tile_size % DOWNSAMPLE:
         raise ValueError(f"tile_size must be a multiple of {DOWNSAMPLE} and >= {4 * DOWNSAMPLE}, got {tile_size}")
     tile = tile_size // DOWNSAMPLE
-    m = tile // 4 if margin is None else margin // DOWNSAMPLE
-    if margin is not None and (margin < 0 or margin % DOWNSAMPLE):
-        raise ValueError(f"tile_margin must be a non-negative multiple of {DOWNSAMPLE}, got {margin}")
-    if tile - 2 * m < 1:
-        raise ValueError(f"tile_margin {margin} leaves no core in a {tile_size} px tile")
-    return tile - 2 * m, m
+    if overlap is None:
+        return tile, tile // 4
+    if overlap < 0 or overlap % DOWNSAMPLE:
+        raise ValueError(f"tile_overlap must be a non-negative multiple of {DOWNSAMPLE}, got {overlap}")
+    if 2 * (overlap // DOWNSAMPLE) >= tile:
+        raise ValueError(f"tile_overlap {overlap} must be less than half the tile ({tile_size} px), "
+                         "or neighbouring overlaps would meet and leave a tile no part of its own")
+    return tile, overlap // DOWNSAMPLE
 
 
-# ------------------------------------------------------------------------- GroupNorm statistics
-class _Stats:
-    """Per-layer GroupNorm statistics shared by every tile, and how layers use them."""
-
-    def __init__(self, model: nn.Module):
-        self.norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
-        self.mode = "own"          # own | record | fixed | accumulate
-        self.fixed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}    # id -> (mean, var) (B, G)
-        self.sums: dict[int, list] = {}    # id -> [sum, sum of squares, count]
-        self.core = None           # core box inside the current tile, in latent units
-        self.tile_hw = None        # the current tile's (h, w) in latent units
-
-    def _core_view(self, x: torch.Tensor) -> torch.Tensor:
-        """The part of activation ``x`` (B, C, ...) that lies in the current tile's core."""
-        th, tw = self.tile_hw
-        if x.ndim == 3:  # attention's GroupNorm sees (B, C, H*W)
-            r = math.isqrt(x.shape[-1] // (th * tw))
-            x = x.reshape(*x.shape[:2], th * r, tw * r)
-        r_h, r_w = x.shape[-2] / th, x.shape[-1] / tw
-        top, bottom, left, right = self.core
-        return x[..., round(top * r_h) : round(bottom * r_h), round(left * r_w) : round(right * r_w)]
-
-    def forward(self, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-        key = id(norm)
-        b, g = x.shape[0], norm.num_groups
-        xg = x.float().reshape(b, g, -1)
-        if self.mode in ("own", "record"):
-            mean, var = xg.mean(-1), xg.var(-1, unbiased=False)
-            if self.mode == "record":
-                self.fixed[key] = (mean, var)
-        else:
-            mean, var = self.fixed[key]
-            if self.mode == "accumulate":
-                core = self._core_view(x).float().reshape(b, g, -1)
-                acc = self.sums.setdefault(key, [0.0, 0.0, 0])
-                acc[0] = acc[0] + core.double().sum(-1)
-                acc[1] = acc[1] + core.double().pow(2).sum(-1)
-                acc[2] += core.shape[-1]
-        y = (xg - mean[..., None]) * torch.rsqrt(var[..., None] + norm.eps)
-        y = y.reshape(x.shape)
-        if norm.affine:
-            shape = (1, -1) + (1,) * (x.ndim - 2)
-            y = y * norm.weight.float().reshape(shape) + norm.bias.float().reshape(shape)
-        return y.to(x.dtype)
-
-    def finish_accumulation(self) -> float:
-        """Turn the accumulated sums into the statistics the next pass uses; returns the
-        largest relative change of any layer's mean (in standard deviations) or variance."""
-        change = 0.0
-        for key, (s, s2, n) in self.sums.items():
-            mean = s / n
-            new = (mean.float(), (s2 / n - mean * mean).clamp_min(0).float())
-            old_mean, old_var = self.fixed[key]
-            scale = old_var + 1e-6
-            change = max(change, float(((new[0] - old_mean).abs() / scale.sqrt()).max()),
-                         float(((new[1] - old_var).abs() / scale).max()))
-            self.fixed[key] = new
-        self.sums = {}
-        return change
-
-    @contextlib.contextmanager
-    def installed(self):
-        """Route every GroupNorm of the model through :meth:`forward` while inside."""
-        for norm in self.norms:
-            norm.forward = (lambda x, _n=norm: self.forward(_n, x))
-        try:
-            yield self
-        finally:
-            for norm in self.norms:
-                del norm.forward  # back to the class's forward
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"unknown tile method {method!r}; choose from {', '.join(METHODS)}")
+    return method
 
 
 # ------------------------------------------------------------------------- the tiled runner
+_warned: set[int] = set()
+
+
 def run_tiled(
     fn: Callable[[torch.Tensor], torch.Tensor],
     model: nn.Module,
@@ -158,8 +124,9 @@ def run_tiled(
     latent_hw: tuple[int, int],
     out: torch.Tensor,
     tile_size: int,
-    margin: int | None = None,
-    passes: int = DEFAULT_PASSES,
+    overlap: int | None = None,
+    method: str = "stats",
+    name: str = "codec",
 ) -> torch.Tensor:
     """Apply ``fn`` (an encoder or decoder call) to ``x`` tile by tile, writing into ``out``.
 
@@ -167,70 +134,141 @@ def run_tiled(
     the other at 8x that (decoding: latents in, pixels out; encoding: the reverse). ``model``
     is the module whose GroupNorm layers get whole-image statistics (see the module docstring).
     """
-    if passes < 0:
-        raise ValueError(f"tile statistics passes must be >= 0, got {passes}")
+    if method not in ("stats", "blend"):
+        raise ValueError(f"run_tiled runs 'stats' or 'blend', not {method!r}")
     h, w = latent_hw
-    core, m = split_tile_size(tile_size, margin)
-    tile = core + 2 * m
-    in_scale = x.shape[-2] // h       # 1 (latents) or 8 (pixels)
-    out_scale = out.shape[-2] // h
+    tile, ov = split_tile_size(tile_size, overlap)
     if h <= tile and w <= tile:  # fits in one tile: the untiled run is exact
         out.copy_(fn(x).to(out.device, out.dtype))
         return out
+    in_scale, out_scale = x.shape[-2] // h, out.shape[-2] // h
+    stats = TileNorms(model)
 
-    norm_stats = _Stats(model)
-    with norm_stats.installed():
-        # 1. statistics of a preview shrunk to fit one tile
-        scale = tile / max(h, w)
-        ph, pw = max(1, round(h * scale)), max(1, round(w * scale))
-        preview = F.interpolate(x.float(), size=(ph * in_scale, pw * in_scale), mode="area").to(x.dtype)
-        norm_stats.mode = "record"
-        fn(preview)
-        del preview
+    def sweep(rows: list[Span], cols: list[Span], write: bool):
+        """Run every tile of the grid rows x cols; pool over owned regions; blend into out."""
+        own_rows, own_cols = owned_spans(rows), owned_spans(cols)
+        for i, (top, bottom) in enumerate(rows):
+            for j, (left, right) in enumerate(cols):
+                stats.tile_hw = (bottom - top, right - left)
+                stats.owned = (own_rows[i][0] - top, own_rows[i][1] - top,
+                               own_cols[j][0] - left, own_cols[j][1] - left)
+                y = fn(x[..., top * in_scale : bottom * in_scale, left * in_scale : right * in_scale])
+                if write:
+                    s = out_scale
+                    weight = blend_ramp(rows, i, s)[:, None] * blend_ramp(cols, j, s)[None, :]
+                    out[..., top * s : bottom * s, left * s : right * s] += y.to(out.device, out.dtype) * weight
 
-        def tiles():
-            for (t, b, l, r), (tt, tb, tl, tr) in tile_grid(h, w, core, m):
-                norm_stats.core = (t - tt, b - tt, l - tl, r - tl)
-                norm_stats.tile_hw = (tb - tt, tr - tl)
-                y = fn(x[..., tt * in_scale : tb * in_scale, tl * in_scale : tr * in_scale])
-                yield (t, b, l, r), (tt, tl), y
-
-        # 2. refine: accumulate every layer's statistics over the cores, normalising with the
-        #    previous estimate; pass n makes the first n layers exact and improves the rest
-        for _ in range(passes):
-            norm_stats.mode = "accumulate"
-            for _ in tiles():
-                pass
-            if norm_stats.finish_accumulation() < STATS_TOLERANCE:
-                break  # settled: more passes would not change the output
-
-        # 3. the output, every GroupNorm using the whole-image statistics
-        norm_stats.mode = "fixed"
-        for (t, b, l, r), (tt, tl), y in tiles():
-            s = out_scale
-            out[..., t * s : b * s, l * s : r * s] = y[
-                ..., (t - tt) * s : (b - tt) * s, (l - tl) * s : (r - tl) * s
-            ].to(out.device, out.dtype)
+    rows, cols = tile_spans(h, tile, ov), tile_spans(w, tile, ov)
+    with stats.installed():
+        out.zero_()
+        if method == "blend":
+            stats.mode = "own"
+            sweep(rows, cols, write=True)
+            return out
+        # 1. statistics pass: tiles that partition the image, each normalised with its own
+        #    statistics; the pooled sums are the whole-image statistics of the first layer
+        #    exactly and of later layers closely
+        stats.mode, stats.pooling = "own", True
+        sweep(tile_spans(h, tile, 0), tile_spans(w, tile, 0), write=False)
+        stats.fixed = stats.pooled()
+        # 2. the output, every GroupNorm using the whole-image statistics; what the layers
+        #    actually see is pooled again to check that the estimate is self-consistent
+        stats.mode = "fixed"
+        sweep(rows, cols, write=True)
+        residual = TileNorms.residual(stats.fixed, stats.pooled())
+        if not (residual <= STATS_TOLERANCE and torch.isfinite(out).all()):
+            warn_once(model, f"tiled {name}: the whole-image GroupNorm statistics diverged (1 statistics "
+                      f"pass + 1 output pass, residual {residual:.3g} > {STATS_TOLERANCE}, or a non-finite "
+                      "output); redone with plain overlap-and-blend tiles (tile_method='blend')")
+            stats.mode, stats.pooling = "own", False
+            out.zero_()
+            sweep(rows, cols, write=True)
     return out
 
 
-def tiled_decode(vae, z: torch.Tensor, tile_size: int, margin: int | None = None, passes: int = DEFAULT_PASSES) -> torch.Tensor:
+def warn_once(model: nn.Module, message: str) -> None:
+    """A RuntimeWarning, the first time only for this model and kind of fallback."""
+    key = (id(model), message.split(":")[1][:40])
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def available_host_bytes() -> int:
+    """Memory the host can still give (Linux MemAvailable; free pages elsewhere)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _exact_or_fallback(vae, part: nn.Module, latent_hw, batch: int, dtype, name: str) -> str:
+    """"exact" where it can run here, else "blend" with a warning saying why."""
+    need = streaming.host_bytes(list(vae.config.block_out_channels), latent_hw, batch, dtype)
+    budget = int(available_host_bytes() * HOST_MEMORY_FRACTION)
+    if need > budget:
+        warn_once(part, f"tiled {name}: exact tiling would keep {need / 2**30:.1f} GiB of activations "
+                        f"in host memory, more than half the available ({budget / 2**30:.1f} GiB); "
+                        "using overlap-and-blend tiles (tile_method='blend'; 'stats' is usually "
+                        "better, see codec.tiling)")
+        return "blend"
+    try:
+        (streaming.decoder_stages if part is getattr(vae, "decoder", None) else streaming.encoder_stages)(part)
+    except streaming.UnsupportedModel as exc:
+        warn_once(part, f"tiled {name}: exact tiling does not know this model ({exc}); "
+                        "using overlap-and-blend tiles (tile_method='blend')")
+        return "blend"
+    return "exact"
+
+
+def tiled_decode(vae, z: torch.Tensor, tile_size: int, overlap: int | None = None,
+                 method: str = DEFAULT_METHOD, name: str = "codec") -> torch.Tensor:
     """Unscaled latents (B, C, h, w) -> images (B, 3, 8h, 8w) float32 on the CPU, tiled."""
+    check_method(method)
     b, _, h, w = z.shape
+    tile, _ = split_tile_size(tile_size, overlap)
     out = torch.empty(b, vae.config.out_channels, h * DOWNSAMPLE, w * DOWNSAMPLE)
-    return run_tiled(lambda t: vae.decode(t).sample, vae.decoder, z, (h, w), out, tile_size, margin, passes)
+    if h <= tile and w <= tile:  # fits in one tile: the untiled run
+        return out.copy_(vae.decode(z).sample)
+    what = f"decoding with {name}"
+    if method == "exact":
+        method = _exact_or_fallback(vae, vae.decoder, (h, w), b, z.dtype, what)
+    if method == "exact":
+        return streaming.exact_decode(vae, z, tile_size, out)
+    return run_tiled(lambda t: vae.decode(t).sample, vae.decoder, z, (h, w), out, tile_size,
+                     overlap, method, name=what)
 
 
-def tiled_encode(vae, x: torch.Tensor, tile_size: int, margin: int | None = None, passes: int = DEFAULT_PASSES) -> tuple[torch.Tensor, torch.Tensor]:
+def tiled_encode(vae, x: torch.Tensor, tile_size: int, overlap: int | None = None,
+                 method: str = DEFAULT_METHOD, name: str = "codec") -> tuple[torch.Tensor, torch.Tensor]:
     """Images (B, 3, H, W) -> unscaled posterior (mean, logvar), each (B, C, H/8, W/8) float32 CPU."""
+    check_method(method)
     b, _, hh, ww = x.shape
     h, w = hh // DOWNSAMPLE, ww // DOWNSAMPLE
     c = vae.config.latent_channels
-    out = torch.empty(b, 2 * c, h, w)
-
-    def moments(t):
-        dist = vae.encode(t).latent_dist
-        return torch.cat([dist.mean, dist.logvar], 1)
-
-    run_tiled(moments, vae.encoder, x, (h, w), out, tile_size, margin, passes)
+    tile, _ = split_tile_size(tile_size, overlap)
+    what = f"encoding with {name}"
+    if method == "exact" and (h > tile or w > tile):
+        method = _exact_or_fallback(vae, vae.encoder, (h, w), b, x.dtype, what)
+    if method == "exact":  # (or one tile: the untiled run)
+        if h > tile or w > tile:  # the posterior as diffusers forms it (logvar clamped)
+            moments = _moments_of(DiagonalGaussianDistribution(streaming.exact_encode(vae, x, tile_size)))
+        else:
+            moments = _moments(vae, x)
+        out = moments.float().cpu()
+    else:
+        out = torch.empty(b, 2 * c, h, w)
+        run_tiled(lambda t: _moments(vae, t), vae.encoder, x, (h, w), out, tile_size, overlap, method, name=what)
     return out[:, :c], out[:, c:]
+
+
+def _moments(vae, x: torch.Tensor) -> torch.Tensor:
+    return _moments_of(vae.encode(x).latent_dist)
+
+
+def _moments_of(dist) -> torch.Tensor:
+    return torch.cat([dist.mean, dist.logvar], 1)
