@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from .codec import Codec, resolve_dtype
+from .factors import scale_latents, unscale_latents
 from .images import tensor_to_uint8, uint8_to_tensor
 from .models import count_parameters
 
@@ -76,7 +77,6 @@ class LearnedCodec:
         if self.kind == "AutoencoderKL":
             self.codec = Codec.from_pretrained(path, device=self.device, dtype=dtype, batch_size=1)
             self.vae = self.codec.vae
-            self.scaling_factor, self.shift_factor = self.codec.scaling_factor, self.codec.shift_factor
         elif self.kind == "AutoencoderTiny":
             from diffusers import AutoencoderTiny
 
@@ -84,13 +84,15 @@ class LearnedCodec:
             self.codec = None
             self.dtype = resolve_dtype(dtype)
             self.vae = AutoencoderTiny.from_pretrained(str(folder)).to(self.device, self.dtype).eval()
-            self.scaling_factor = float(self.vae.config.scaling_factor)
-            self.shift_factor = float(self.vae.config.shift_factor or 0.0)
         else:
             raise ValueError(
                 f"{path}: {self.kind} is not supported; choose an AutoencoderKL or AutoencoderTiny folder"
             )
         self.parameters = count_parameters(self.vae)
+        # reported only: the latents are scaled by codec.factors, which also applies any
+        # per-channel latents_mean/latents_std
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.shift_factor = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> Reconstruction:
@@ -100,16 +102,16 @@ class LearnedCodec:
         t0 = time.perf_counter()
         if self.codec is not None:
             mean, logvar = self.codec.posterior(x)
-            latents = (mean - self.shift_factor) * self.scaling_factor
+            latents = scale_latents(mean, self.vae.config)  # what Codec.decode expects back
         else:
             z = self.vae.encode(x.to(self.device, self.dtype)).latents.float().cpu()
-            latents = (z - self.shift_factor) * self.scaling_factor
+            latents = scale_latents(z, self.vae.config)
         _sync(self.device)
         t1 = time.perf_counter()
         if self.codec is not None:
             y = self.codec.decode(latents, size=(h, w))
         else:
-            z = (latents / self.scaling_factor + self.shift_factor).to(self.device, self.dtype)
+            z = unscale_latents(latents, self.vae.config).to(self.device, self.dtype)
             y = self.vae.decode(z).sample.float().cpu()
         _sync(self.device)
         t2 = time.perf_counter()

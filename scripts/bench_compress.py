@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from codec.factors import scale_latents
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -62,7 +64,7 @@ def encoder_only(codec, tensors: list[torch.Tensor], batch: int, storage: torch.
     for i in range(0, len(tensors), batch):
         x = torch.stack(tensors[i : i + batch]).to(codec.device).float().div_(127.5).sub_(1.0)
         mean, _ = codec.posterior(x)
-        ((mean - codec.shift_factor) * codec.scaling_factor).to(storage)
+        scale_latents(mean, codec.vae.config).to(storage)
     return time.perf_counter() - start
 
 

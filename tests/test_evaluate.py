@@ -143,3 +143,22 @@ def test_peak_memory_sees_a_large_allocation():
         big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
         del big
     assert tracker.peak_bytes >= 48 * 2**20, tracker.method
+
+
+@torch.no_grad()
+def test_eval_of_a_per_channel_codec_equals_decoding_by_hand(tmp_path):
+    """A codec with latents_mean/latents_std (what `scale --per-channel` writes): eval's
+    reconstruction is decode(posterior mean), computed here without codec.factors."""
+    from codec.references import LearnedCodec
+
+    torch.manual_seed(0)
+    vae = build_autoencoder("test")
+    vae.register_to_config(latents_mean=[0.5, -0.2, 0.1, 0.3], latents_std=[2.0, 0.5, 1.5, 3.0],
+                           scaling_factor=0.7)
+    folder = Codec(vae, device="cpu").save_pretrained(tmp_path / "per-channel")
+    x = uint8_to_tensor(smooth_image(5, 48, 64))[None]
+    got = LearnedCodec(folder, device="cpu")(x)
+    mean = vae.encode(x).latent_dist.mean
+    torch.testing.assert_close(got.image, vae.decode(mean).sample, atol=1e-5, rtol=0)
+    stats = torch.tensor([0.5, -0.2, 0.1, 0.3]).view(1, 4, 1, 1), torch.tensor([2.0, 0.5, 1.5, 3.0]).view(1, 4, 1, 1)
+    torch.testing.assert_close(got.latents, (mean - stats[0]) * 0.7 / stats[1], atol=1e-5, rtol=0)
