@@ -21,6 +21,7 @@ demo: $(STAMP)
 	$(BIN)/python -m scripts.demo
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 clean:

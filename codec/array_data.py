@@ -28,7 +28,8 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.int16, 0x0C: np.int32, 0x
 
 def is_array_source(source: str | os.PathLike) -> bool:
     s = str(source)
-    return s.endswith(".npz") or s.startswith("torchvision:") or (Path(s).is_dir() and _idx_file(Path(s), "train", "images") is not None)
+    idx_folder = Path(s).is_dir() and _idx_file(Path(s), "train", "images") is not None
+    return s.endswith(".npz") or s.startswith("torchvision:") or idx_folder
 
 
 def load_split(source: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -92,7 +93,8 @@ def _torchvision(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     import torchvision.datasets as tvd
 
     if name not in ("MNIST", "FashionMNIST", "KMNIST"):
-        raise ValueError(f"torchvision:{name}: choose torchvision:MNIST, torchvision:FashionMNIST or torchvision:KMNIST")
+        raise ValueError(f"torchvision:{name}: choose torchvision:MNIST, torchvision:FashionMNIST "
+                         "or torchvision:KMNIST")
     root = os.environ.get("VAE_CODEC_DATA", str(Path.home() / ".cache" / "vae-codec"))
     ds = getattr(tvd, name)(root, train=split == "train", download=True)
     return _check(ds.data.numpy(), ds.targets.numpy(), f"torchvision:{name}")

@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .codec import Codec
-from .tiling import DEFAULT_METHOD, METHODS
 from .images import ImageLoadError, list_images, load_image, pil_to_tensor, save_image
-from .single_file import is_single_file, save_single_file
+from .single_file import is_single_file, save_single_file, ui_incompatibility
+from .tiling import DEFAULT_METHOD, METHODS
 
 
 # ------------------------------------------------------------------------- export
@@ -60,6 +60,11 @@ def cmd_export(args) -> int:
     if single:
         codec.meta["exported_from"] = str(src)
         save_single_file(codec.vae, out, meta=codec.meta)
+        why = ui_incompatibility(codec.vae.config)
+        if why:
+            print(f"note: ComfyUI and A1111 will not load {out}: their VAE loaders build only the "
+                  f"sd-kl-f8 architecture, and this codec has {why}. diffusers and "
+                  "Codec.from_pretrained load it.", file=sys.stderr)
     else:
         codec.save_pretrained(out, meta={"exported_from": str(src)})
     print(f"exported {src} -> {out} (scaling_factor {codec.scaling_factor:.5f})")
@@ -159,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument(
         "--format", choices=["diffusers", "single-file"], default="diffusers",
-        help="a diffusers folder, or one .safetensors in the CompVis/LDM layout (ComfyUI, A1111)",
+        help="a diffusers folder, or one .safetensors in the CompVis/LDM layout (ComfyUI and A1111 load "
+             "it for the sd-kl-f8 architecture only; other presets get a note saying so)",
     )
     p.set_defaults(func=cmd_export)
 

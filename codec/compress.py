@@ -38,13 +38,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from . import shards as sh
+from . import single_file
 from .codec import DOWNSAMPLE, Codec
 from .factors import scale_latents, scale_std
 from .images import IMAGE_EXTENSIONS, ImageLoadError, list_images, load_image, save_image
 from .models import load_autoencoder
-from . import shards as sh
 from .tiling import check_method
-from . import single_file
 
 COMPRESSED_TARS = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 

@@ -29,12 +29,9 @@ import torch
 from .array_data import is_array_source
 from .cost import PeakMemory
 from .fid import make_rfid
-from .images import (ImageLoadError, center_crop_multiple, list_images, load_image,
-                     pil_to_tensor, tensor_to_uint8)
-from .metrics import (IMAGE_METRICS, MS_SSIM_MIN_SIDE, LatentStats, LPIPSMetric, image_metrics,
-                      summarize)
-from .pictures import (HEATMAP_MAX, crop, data_uri, error_heatmap, grid, histogram,
-                       thumbnail_with_box, worst_window)
+from .images import ImageLoadError, center_crop_multiple, list_images, load_image, pil_to_tensor, tensor_to_uint8
+from .metrics import IMAGE_METRICS, MS_SSIM_MIN_SIDE, LatentStats, LPIPSMetric, image_metrics, summarize
+from .pictures import HEATMAP_MAX, crop, data_uri, error_heatmap, grid, histogram, thumbnail_with_box, worst_window
 from .references import CLASSICAL_FORMATS, ClassicalCodec, LearnedCodec
 
 
@@ -59,7 +56,8 @@ def register(sub, codec_args) -> None:
                    help="MLP VAE codecs: importance samples k for log p(x) (Burda et al. use 5000; 0: ELBO only)")
     p.add_argument("--binarize", default=None, choices=["auto", "yes", "no"],
                    help="MLP VAE codecs: binarise the test set once (auto: when the model trained on binarised data)")
-    p.add_argument("--seed", type=int, default=None, help="MLP VAE codecs (default 0): seed of the binarisation and samples")
+    p.add_argument("--seed", type=int, default=None,
+                   help="MLP VAE codecs (default 0): seed of the binarisation and samples")
     p.set_defaults(func=cmd_eval)
 
 
@@ -82,7 +80,8 @@ def cmd_eval(args) -> int:
         print(f"written to {args.out}/metrics.json (+ samples.png, interpolation.png, reconstructions.png)")
         return 0
     if args.nll_samples is not None or args.binarize is not None or args.seed is not None:
-        raise ValueError("--nll-samples, --binarize and --seed apply to MLP VAE codecs only (kl-f8 codecs have no tractable log p(x) here)")
+        raise ValueError("--nll-samples, --binarize and --seed apply to MLP VAE codecs only "
+                         "(kl-f8 codecs have no tractable log p(x) here)")
     report = evaluate(args.codec, args.data, args.out, device=args.device, dtype=args.dtype,
                       limit=args.limit, worst=args.worst, crop_size=args.crop,
                       classical=not args.no_classical)

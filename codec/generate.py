@@ -79,7 +79,8 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def interpolate(model, a: torch.Tensor, b: torch.Tensor, steps: int, spherical: bool = False, labels=None) -> torch.Tensor:
+def interpolate(model, a: torch.Tensor, b: torch.Tensor, steps: int, spherical: bool = False,
+                labels=None) -> torch.Tensor:
     """Images a, b (1, C, H, W) -> (steps, C, H, W): decoded interpolations of posterior means."""
     if steps < 2:
         raise ValueError(f"--steps must be >= 2, got {steps}")

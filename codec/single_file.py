@@ -37,7 +37,7 @@ CONFIG_KEY = "vae_codec_config"  # safetensors metadata: the diffusers config (J
 META_KEY = "vae_codec_meta"  # safetensors metadata: our vae_codec.json (JSON)
 LDM_NORM_GROUPS = 32  # LDM's Normalize() always uses 32 groups; shapes cannot tell it
 
-_TOP = {d: l for d, l in DIFFUSERS_TO_LDM_MAPPING["vae"].items()}
+_TOP = dict(DIFFUSERS_TO_LDM_MAPPING["vae"])
 _ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
@@ -66,7 +66,8 @@ def _ldm_key(key: str, num_up: int) -> str:
     m = re.match(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)$", key)
     if m:
         return f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
-    m = re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(weight|bias)$", key)
+    m = re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\."
+                 r"(group_norm|to_q|to_k|to_v|to_out\.0)\.(weight|bias)$", key)
     if m:
         return f"{m[1]}.mid.attn_1.{_ATTN[m[2]]}.{m[3]}"
     raise ValueError(f"no LDM name for the diffusers AutoencoderKL key {key!r}")
@@ -144,6 +145,21 @@ def ldm_to_diffusers(ldm: dict[str, torch.Tensor], config: dict) -> dict[str, to
             f"(for example {unused[:3]}); is it a kl-f8 style VAE?"
         )
     return converted
+
+
+# What the UIs' own VAE loaders build (ComfyUI's, A1111's): Stable Diffusion's widths, two
+# ResNet blocks per level and 32 GroupNorm groups; checked with ComfyUI's loader, which rejects
+# our tiny/small/test files and matches diffusers to 2e-5 on an sd-kl-f8-shaped one.
+UI_ARCHITECTURE = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "norm_num_groups": 32}
+
+
+def ui_incompatibility(config) -> str | None:
+    """Why ComfyUI/A1111 cannot load a single file of this architecture, or None if they can."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+    wrong = [f"{k}={list(v) if isinstance(v, (list, tuple)) else v} (UIs build {UI_ARCHITECTURE[k]})"
+             for k in UI_ARCHITECTURE
+             for v in [get(k)] if (list(v) if isinstance(v, (list, tuple)) else v) != UI_ARCHITECTURE[k]]
+    return "; ".join(wrong) or None
 
 
 # ------------------------------------------------------------------------- files

@@ -96,7 +96,7 @@ def peak_memory_mb(codec_dir: Path, images: Path, out: Path, args) -> tuple[floa
     if args.device:
         cmd += ["--device", args.device]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True)
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("PEAK"))
+    line = next(row for row in proc.stdout.splitlines() if row.startswith("PEAK"))
     _, main_kb, child_kb = line.split()
     return int(main_kb) / 1024, int(child_kb) / 1024
 

@@ -45,7 +45,8 @@ def one_decode(preset: str, size: int, tile: int, method: str, untiled: bool) ->
     out = codec.decode(z)
     seconds = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"preset": preset, "size": size, "tiled": "no" if untiled else method, "base_rss_mb": round(base, 1), "peak_rss_mb": round(peak, 1),
+    return {"preset": preset, "size": size, "tiled": "no" if untiled else method,
+            "base_rss_mb": round(base, 1), "peak_rss_mb": round(peak, 1),
             "output_buffer_mb": round(out.numel() * 4 / 2**20, 1), "seconds": round(seconds, 1),
             "finite": bool(torch.isfinite(out).all())}
 
@@ -61,7 +62,8 @@ def memory(args) -> None:
         row["peak_minus_base_minus_output_mb"] = round(row["peak_minus_base_mb"] - row["output_buffer_mb"], 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print("\n| preset | output | tiled | peak RSS MB | RSS before decode MB | output buffer MB | peak - before - output MB | s |")
+    print("\n| preset | output | tiled | peak RSS MB | RSS before decode MB | output buffer MB "
+          "| peak - before - output MB | s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['preset']} | {r['size']}² | {r['tiled']} | {r['peak_rss_mb']} | {r['base_rss_mb']} | "

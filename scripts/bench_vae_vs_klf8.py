@@ -90,8 +90,8 @@ def main(argv=None) -> int:
     lat = {name: c.encode(batch) for name, c in codecs.items()}
     for _ in range(args.repeats):
         for name, codec in codecs.items():
-            times[name]["encode"] += timed(lambda: codec.encode(batch), 1)
-            times[name]["decode"] += timed(lambda: codec.decode(lat[name]), 1)
+            times[name]["encode"] += timed(lambda c=codec: c.encode(batch), 1)
+            times[name]["decode"] += timed(lambda c=codec, z=lat[name]: c.decode(z), 1)
     for name in codecs:
         for op in ("encode", "decode"):
             t = times[name][op]
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     make_grid_image([x[pick], *(recons[n][pick] for n in codecs)], out / "reconstructions.png")
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for name, codec in codecs.items():
+    for codec in codecs.values():
         vae = codec.vae
         shape = tuple(vae.latent_shape()) if hasattr(vae, "latent_shape") else (
             vae.config.latent_channels, args.size // 8, args.size // 8)

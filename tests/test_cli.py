@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import torch
+from conftest import smooth_image
 from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors import safe_open
@@ -11,8 +12,6 @@ from safetensors import safe_open
 from codec import Codec
 from codec.cli import main
 from codec.models import build_autoencoder
-
-from conftest import smooth_image
 
 
 def make_codec(tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, shared, smooth_image
 from PIL import Image
 from safetensors import safe_open
 
@@ -24,8 +25,6 @@ from codec import shards as sh
 from codec.cli import main
 from codec.images import load_image
 from codec.models import build_autoencoder
-
-from conftest import REPO, shared, smooth_image
 
 
 @pytest.fixture(scope="module")

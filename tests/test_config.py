@@ -1,8 +1,7 @@
 import pytest
+from conftest import REPO
 
 from train.config import TrainConfig, load_config, validate
-
-from conftest import REPO
 
 
 def test_defaults_yaml_and_overrides(tmp_path):

@@ -11,13 +11,12 @@ import time
 
 import pytest
 import torch
+from conftest import REPO
 from safetensors.torch import load_file
+from test_train import args
 
 from train.__main__ import main
 from train.checkpoints import COMPLETE, latest_checkpoint
-
-from conftest import REPO
-from test_train import args
 
 pytestmark = pytest.mark.slow
 

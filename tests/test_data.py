@@ -1,10 +1,9 @@
 import pytest
 import torch
+from conftest import smooth_image
 from PIL import Image
 
 from train.data import CropDataset, EpochSampler, collate, gather_files
-
-from conftest import smooth_image
 
 
 def test_crops_are_deterministic_per_epoch(image_folder):

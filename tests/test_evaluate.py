@@ -10,18 +10,17 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from conftest import shared, smooth_image
 from diffusers import AutoencoderTiny
 from PIL import Image
 
 from codec import Codec
 from codec.cost import PeakMemory
 from codec.evaluate import evaluate
+from codec.images import uint8_to_tensor
 from codec.models import build_autoencoder
 from codec.pictures import error_heatmap, worst_window
 from codec.references import ClassicalCodec, closest_quality, compress
-from codec.images import uint8_to_tensor
-
-from conftest import shared, smooth_image
 
 METRICS = {"psnr", "ssim", "ms_ssim", "lpips_alex", "lpips_vgg"}
 
@@ -51,7 +50,7 @@ def test_metrics_json_per_codec(evaluated):
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["images"] == 3 and any("broken.png" in s for s in saved["skipped"])
     assert list(saved["codecs"]) == [str(root / "kl"), str(root / "taesd"), "jpeg", "webp"]
-    for name, r in saved["codecs"].items():
+    for r in saved["codecs"].values():
         assert set(r["metrics"]) == METRICS
         assert all({"mean", "std"} <= set(v) for v in r["metrics"].values())
         assert r["metrics"]["ms_ssim"]["n"] == 0  # too small for five scales: left out, no crash

@@ -3,11 +3,10 @@ import io
 import numpy as np
 import pytest
 import torch
+from conftest import smooth_image
 from PIL import Image
 
 from codec.images import ImageLoadError, list_images, load_image, tensor_to_uint8, to_batch, uint8_to_tensor
-
-from conftest import smooth_image
 
 
 def save(img: Image.Image, path, **kw):

@@ -4,9 +4,8 @@ import subprocess
 import sys
 
 import pytest
-from safetensors.torch import load_file
-
 from conftest import REPO
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 

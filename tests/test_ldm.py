@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+from conftest import REPO
 from diffusers import DDPMPipeline, UNet2DModel
 from PIL import Image
 from safetensors.torch import load_file
@@ -11,8 +12,6 @@ from codec import Codec
 from codec.cli import main as cli
 from codec.models import build_autoencoder
 from train.ldm import LatentStream, main, sample_latents
-
-from conftest import REPO
 
 
 @pytest.fixture(scope="module")

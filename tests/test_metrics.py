@@ -68,10 +68,10 @@ def test_ssim_agrees_with_scikit_image_on_a_real_photo():
     crop and a noisy copy of it. Their SSIM maps agree to 1e-6 away from the border; they
     average the 5-pixel border differently, worth up to ~0.008 here (a wrong data range or
     [-1, 1] inputs move SSIM by 0.1 or more)."""
+    from conftest import shared
     from skimage.metrics import structural_similarity
 
     from codec.images import load_image, uint8_to_tensor
-    from conftest import shared
 
     a = np.asarray(load_image(shared("kodak", "kodim05.png")))[:128, :192]
     rng = np.random.default_rng(0)

@@ -10,18 +10,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, shared, smooth_image
 from PIL import Image
 from safetensors.torch import load_file
 
 from codec import Codec
 from codec.array_data import load_split, read_idx
 from codec.cli import main as cli
-from codec.elbo import (active_units, bits_per_dim, elbo_terms, importance_weighted_log_likelihood,
-                        kl_weight, training_loss)
+from codec.elbo import (
+    active_units,
+    bits_per_dim,
+    elbo_terms,
+    importance_weighted_log_likelihood,
+    kl_weight,
+    training_loss,
+)
 from codec.mlp_vae import MLPVAE
 from train.__main__ import main as train_main
-
-from conftest import REPO, shared, smooth_image
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +115,8 @@ def test_annealing_schedules():
     assert kl_weight(0, 2.0, "none", 100) == 2.0
     assert kl_weight(25, 2.0, "linear", 100) == 0.5 and kl_weight(100, 2.0, "linear", 100) == 2.0
     # 4 cycles over 100 steps, rising during the first half of each
-    assert [kl_weight(s, 1.0, "cyclical", 100, 4, 0.5) for s in (0, 6, 12, 20, 25, 31)] == [0.0, 0.48, 0.96, 1.0, 0.0, 0.48]
+    steps = (0, 6, 12, 20, 25, 31)
+    assert [kl_weight(s, 1.0, "cyclical", 100, 4, 0.5) for s in steps] == [0.0, 0.48, 0.96, 1.0, 0.0, 0.48]
     with pytest.raises(ValueError, match="unknown 'cosine'"):
         kl_weight(0, 1.0, "cosine", 10)
 
@@ -137,9 +143,12 @@ def test_active_units_find_collapsed_dimensions():
 def test_idx_files_as_fashion_mnist_ships_them(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
     labels = np.arange(5, dtype=np.uint8)
-    header = lambda code, shape: bytes([0, 0, code, len(shape)]) + b"".join(s.to_bytes(4, "big") for s in shape)
+    def header(code, shape):
+        return bytes([0, 0, code, len(shape)]) + b"".join(s.to_bytes(4, "big") for s in shape)
+
     for split in ("train", "t10k"):
-        (tmp_path / f"{split}-images-idx3-ubyte.gz").write_bytes(gzip.compress(header(8, images.shape) + images.tobytes()))
+        images_file = tmp_path / f"{split}-images-idx3-ubyte.gz"
+        images_file.write_bytes(gzip.compress(header(8, images.shape) + images.tobytes()))
         (tmp_path / f"{split}-labels-idx1-ubyte").write_bytes(header(8, labels.shape) + labels.tobytes())
     x, y = load_split(tmp_path, "test")
     assert np.array_equal(x, images) and y.tolist() == [0, 1, 2, 3, 4]
@@ -235,7 +244,8 @@ def test_conditional_vae_samples_the_asked_class(tmp_path, mnist_small):
                                  "mlp.binarize=false")) == 0  # Bernoulli on grey levels
     model = MLPVAE.from_pretrained(run / "codec")
     assert model.config.num_classes == 10
-    assert cli(["sample", "--codec", str(run / "codec"), "--num", "8", "--label", "3", str(tmp_path / "three.png")]) == 0
+    three = str(tmp_path / "three.png")
+    assert cli(["sample", "--codec", str(run / "codec"), "--num", "8", "--label", "3", three]) == 0
     assert cli(["sample", "--codec", str(run / "codec"), "--num", "8", str(tmp_path / "x.png")]) == 2  # no label
     out = tmp_path / "eval"
     assert cli(["eval", "--codec", str(run / "codec"), "--data", str(mnist_small), "--nll-samples", "20",

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, smooth_image
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
@@ -22,8 +23,6 @@ from PIL import Image
 
 from codec import Codec
 from train.__main__ import main as train_main
-
-from conftest import REPO, smooth_image
 
 transformers = pytest.importorskip("transformers", reason="pipelines extra: pip install -e .[pipelines]")
 

@@ -7,6 +7,7 @@ from codec import Codec
 from codec.models import build_autoencoder
 from codec.precision import PrecisionFallbackWarning
 
+
 def overflowing_codec(dtype: str, part: str) -> tuple[Codec, Codec]:
     """A float32 reference and a half-precision copy whose first conv overflows.
 

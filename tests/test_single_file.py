@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import REPO, smooth_image
 from diffusers import AutoencoderKL
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -14,8 +15,6 @@ from codec.cli import main
 from codec.models import build_autoencoder
 from codec.single_file import diffusers_to_ldm, load_single_file
 from train.__main__ import main as train_main
-
-from conftest import REPO, smooth_image
 
 
 @pytest.fixture
@@ -37,6 +36,9 @@ def test_folder_to_single_file_to_folder_is_exact(codec_dir, tmp_path, capsys):
             "quant_conv.weight", "encoder.norm_out.weight"} <= keys
     assert not any("down_blocks" in k or "to_q" in k for k in keys)
     assert load_file(single)["encoder.mid.attn_1.q.weight"].ndim == 4
+    # the test preset is not what UIs build: export says so, naming what differs
+    err = capsys.readouterr().err
+    assert "ComfyUI and A1111 will not load" in err and "block_out_channels=[8, 8, 16, 16]" in err
 
     back = tmp_path / "back"
     assert main(["export", str(single), str(back)]) == 0  # single file -> diffusers folder
@@ -51,6 +53,14 @@ def test_folder_to_single_file_to_folder_is_exact(codec_dir, tmp_path, capsys):
         k: v for k, v in cfg_b.items() if not k.startswith("_")}
     assert cfg_b["scaling_factor"] == 0.4321 and cfg_b["shift_factor"] == 0.05
     assert json.loads((back / "vae_codec.json").read_text())["note"] == "kept"
+
+
+@pytest.mark.parametrize("preset,loadable", [("sd-kl-f8", True), ("small", False), ("tiny", False), ("test", False)])
+def test_which_presets_ui_loaders_can_build(preset, loadable):
+    from codec.models import PRESETS
+    from codec.single_file import ui_incompatibility
+
+    assert (ui_incompatibility(PRESETS[preset]) is None) == loadable
 
 
 def test_diffusers_reads_our_single_file(codec_dir, tmp_path):

@@ -13,17 +13,15 @@ import warnings
 
 import pytest
 import torch
+from conftest import REPO, shared, smooth_image
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
-from codec import Codec
-from codec import tiling
+from codec import Codec, tiling
 from codec.cli import main
 from codec.images import load_image, pil_to_tensor, save_image
 from codec.models import build_autoencoder
 from codec.tiling import blend_ramp, owned_spans, run_tiled, tile_spans, tiled_decode, tiled_encode
-from torch.utils.flop_counter import FlopCounterMode
-
-from conftest import REPO, shared, smooth_image
 
 
 def psnr(a, b, peak_to_peak=2.0):

@@ -4,11 +4,10 @@ import json
 
 import pytest
 import torch
+from conftest import REPO
 from safetensors.torch import load_file
 
 from train.__main__ import main
-
-from conftest import REPO
 
 
 def args(out, data, *extra):

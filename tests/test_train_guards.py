@@ -7,11 +7,10 @@ import pickle
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import args
 
 from train.__main__ import main
 from train.losses import GeneratorLoss
-
-from test_train import args
 
 
 def losses(run):

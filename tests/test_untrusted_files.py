@@ -8,17 +8,17 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from conftest import smooth_image
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
+from test_shards import build
 
 from codec import Codec
 from codec import shards as sh
 from codec.cli import main
 from codec.images import ImageLoadError, load_image
 from codec.models import CodecLoadError, build_autoencoder
-
-from conftest import smooth_image
-from test_shards import build
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

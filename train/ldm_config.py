@@ -78,4 +78,5 @@ def validate_ldm(cfg: LDMConfig) -> None:
         raise ValueError(f"model.attention_levels must be 0..{len(m.block_out_channels)}, got {m.attention_levels}")
     bad = [c for c in m.block_out_channels if c % m.norm_num_groups]
     if bad:
-        raise ValueError(f"model.block_out_channels {bad} are not multiples of model.norm_num_groups {m.norm_num_groups}")
+        raise ValueError(f"model.block_out_channels {bad} are not multiples of "
+                         f"model.norm_num_groups {m.norm_num_groups}")

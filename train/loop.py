@@ -40,7 +40,6 @@ from .discriminator import PatchDiscriminator
 from .guards import NonFiniteGuard, StopSignals
 from .losses import GeneratorLoss, disc_factor, discriminator_loss
 
-
 # Crops for measuring the scaling factor use an "epoch" training never reaches, so they are
 # fixed for the whole run and independent of the training order.
 SCALE_EPOCH = 10**9
@@ -234,7 +233,8 @@ def _train(cfg: TrainConfig) -> Path:
         accelerator.init_trackers("tensorboard", config=_flat_scalars(to_dict(cfg)))
         _truncate_log(out / TRAIN_LOG, state.step)  # drop steps a killed run logged after its checkpoint
         print(
-            f"training {cfg.model.init_from or (cfg.model.kind if mlp else cfg.model.preset)}: {count_parameters(raw_vae) / 1e6:.2f} M "
+            f"training {cfg.model.init_from or (cfg.model.kind if mlp else cfg.model.preset)}: "
+            f"{count_parameters(raw_vae) / 1e6:.2f} M "
             f"parameters ({sum(p.numel() for p in trainable) / 1e6:.2f} M trained), "
             f"{len(dataset)} images, {accelerator.num_processes} process(es), output {out}"
         )
@@ -399,7 +399,8 @@ def _train(cfg: TrainConfig) -> Path:
                     with open(out / TRAIN_LOG, "a") as log:
                         log.write(json.dumps({"step": state.step, **logs}) + "\n")
             if is_main and cfg.image_every and state.step % cfg.image_every == 0:
-                shown = raw_vae.mean_image(recon[:4].detach().float()).mul(2).sub(1).view_as(x[:4]) if mlp else recon[:4]
+                shown = (raw_vae.mean_image(recon[:4].detach().float()).mul(2).sub(1).view_as(x[:4])
+                         if mlp else recon[:4])
                 grid = make_grid_image([x[:4].detach(), shown.detach().float()],
                                        out / "samples" / f"train_{state.step:08d}.png")
                 _log_image(accelerator, "train/reconstruction", grid, state.step)
