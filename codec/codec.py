@@ -20,16 +20,15 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from . import single_file
-from .factors import scale_latents, unscale_latents
-from .images import tensor_to_pil, to_batch
-from .models import load_autoencoder
-from .precision import run_checked
-from .shards import read_json
-from .tiling import DEFAULT_METHOD, check_method, split_tile_size, tiled_decode, tiled_encode
+from codec import single_file
+from codec.factors import scale_latents, unscale_latents
+from codec.images import tensor_to_pil, to_batch
+from codec.io import META_FILE, is_mlp_vae, read_metadata
+from codec.models import load_autoencoder
+from codec.precision import run_checked
+from codec.tiling import DEFAULT_METHOD, check_method, split_tile_size, tiled_decode, tiled_encode
 
 # Extra metadata saved beside diffusers' files (diffusers ignores unknown files in the folder).
-META_FILE = "vae_codec.json"
 DOWNSAMPLE = 8
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -96,8 +95,7 @@ class Codec:
             vae, meta = single_file.load_single_file(path)
         else:
             vae = load_autoencoder(path)
-            meta_path = Path(path) / META_FILE
-            meta = read_json(meta_path) if meta_path.exists() else {}
+            meta = read_metadata(path)
         codec = cls(vae, meta=meta, **kwargs)
         codec.name = str(path)
         return codec
@@ -143,7 +141,7 @@ class Codec:
     def _prepare(self, images, pad: bool) -> tuple[torch.Tensor, tuple[int, int]]:
         x = to_batch(images)
         h, w = x.shape[-2:]
-        if hasattr(self.vae, "fit_images"):  # fixed-size models (MLPVAE) check and convert themselves
+        if is_mlp_vae(self.vae):  # a fixed-size model: it checks and converts its input itself
             return self.vae.fit_images(x), (h, w)
         if h % DOWNSAMPLE or w % DOWNSAMPLE:
             if not pad:
@@ -237,7 +235,7 @@ class Codec:
 
     def _check_latents_shape(self, latents: torch.Tensor) -> None:
         """kl-f8: (B, C, h, w) for any h, w; models with flat latents (MLPVAE): (B, D)."""
-        if hasattr(self.vae, "latent_shape"):
+        if is_mlp_vae(self.vae):
             shape = tuple(self.vae.latent_shape())
             ok = tuple(latents.shape[-len(shape):]) == shape and latents.ndim in (len(shape), len(shape) + 1)
             expected = f"(B, {', '.join(map(str, shape))})"

@@ -78,3 +78,28 @@ def scale_std(std: torch.Tensor, config) -> torch.Tensor:
     stats = channel_stats(config, std)
     scaling = _config_get(config, "scaling_factor")
     return std * scaling / stats[1] if stats is not None else std * scaling
+
+
+# ------------------------------------------------------------------------- choosing factors
+NORMALISATIONS = ("scale", "shift", "per-channel")  # the three rows of the table above
+
+
+def normalisation_of(config) -> str:
+    """Which of the three normalisations ``config`` uses (re-measuring keeps it)."""
+    if _config_get(config, "latents_mean") is not None:
+        return "per-channel"
+    if _config_get(config, "shift_factor") is not None:
+        return "shift"
+    return "scale"
+
+
+def factors_from_stats(stats: dict, normalisation: str) -> dict:
+    """``Codec.set_factors`` arguments that normalise latents with measured ``stats``
+    (``Codec.measure_factors``) to zero mean (shift, per-channel) and unit variance."""
+    if normalisation == "per-channel":  # latents_mean/std carry the scale; scaling_factor 1 keeps it unit
+        return {"scaling_factor": 1.0, "latents_mean": stats["channel_mean"], "latents_std": stats["channel_std"]}
+    if normalisation == "shift":
+        return {"scaling_factor": stats["scaling_factor"], "shift_factor": stats["mean"]}
+    if normalisation == "scale":
+        return {"scaling_factor": stats["scaling_factor"]}
+    raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from diffusers import AutoencoderKL
 
-from .shards import read_json
+from codec.io import CodecLoadError, is_mlp_vae
 
 # Shared by every preset: the kl-f8 topology of Stable Diffusion.
 _KL_F8 = dict(
@@ -83,7 +83,7 @@ def load_autoencoder(path: str | os.PathLike, subfolder: str | None = None) -> A
     """
     local = Path(path)
     if local.is_file() and local.suffix == ".safetensors":
-        from .single_file import load_single_file
+        from codec.single_file import load_single_file
 
         return load_single_file(local)[0]
     if local.exists():
@@ -95,20 +95,15 @@ def load_autoencoder(path: str | os.PathLike, subfolder: str | None = None) -> A
                 f"{local}: no config.json here; pass a diffusers AutoencoderKL folder "
                 "(config.json + diffusion_pytorch_model.safetensors) or a pipeline folder with vae/"
             )
-    is_mlp = local.exists() and read_json(cfg, CodecLoadError).get("_class_name") == "MLPVAE"
     # use_safetensors: a folder holding only a pickled .bin is refused rather than unpickled.
     try:
-        if is_mlp:
-            from .mlp_vae import MLPVAE
+        if is_mlp_vae(local):
+            from codec.baseline.mlp_vae import MLPVAE
 
             return MLPVAE.from_pretrained(str(path), subfolder=subfolder, use_safetensors=True)
         return AutoencoderKL.from_pretrained(str(path), subfolder=subfolder, use_safetensors=True)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise CodecLoadError(f"{path}: cannot load the codec ({type(exc).__name__}: {exc})") from exc
-
-
-class CodecLoadError(ValueError):
-    """A codec folder that is missing files or holds malformed ones (the message names them)."""
 
 
 def count_parameters(module) -> int:

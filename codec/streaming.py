@@ -27,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-from .groupnorm import StopForward, TileNorms
+from codec.groupnorm import StopForward, TileNorms
 
 HALO = 2  # pixels of context a stage needs on each side: two 3x3 convolutions
 

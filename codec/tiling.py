@@ -36,8 +36,8 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
-from . import streaming
-from .groupnorm import TileNorms
+from codec import streaming
+from codec.groupnorm import TileNorms
 
 DOWNSAMPLE = 8
 METHODS = ("exact", "stats", "blend")

@@ -4,7 +4,7 @@
    * encoder only: the images already decoded, resized and cropped to uint8 tensors in memory;
      timed is what the encoder side of the job does (uint8 -> [-1, 1], posterior, scaling,
      cast to the storage dtype);
-   * end to end: ``codec.compress.compress`` on the image files (listing, decoding and resizing
+   * end to end: ``codec.latents.compress.compress`` on the image files (listing, decoding and resizing
      in DataLoader workers, encoding, shard and manifest writing). Its fixed start-up (loading
      and hashing the codec, starting workers) is measured on a one-image job and reported apart.
    Runs alternate; min and median over repeats.
@@ -69,7 +69,7 @@ def encoder_only(codec, tensors: list[torch.Tensor], batch: int, storage: torch.
 
 
 def end_to_end(codec_dir: Path, images: Path, out: Path, args) -> float:
-    from codec.compress import compress
+    from codec.latents.compress import compress
 
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from codec import Codec
-    from codec.compress import fit, list_inputs, read_input
+    from codec.latents.inputs import fit, list_inputs, read_input
     from codec.models import build_autoencoder
 
     work = Path(tempfile.mkdtemp(prefix="bench_compress_"))

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from codec import Codec
+from codec.evaluation.metrics import LPIPSMetric, evaluate_pairs, summarize
 from codec.images import list_images, load_image, make_grid_image, pil_to_tensor
-from codec.metrics import LPIPSMetric, evaluate_pairs, summarize
+from codec.io import is_mlp_vae
 from codec.models import count_parameters
 
 
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
     rows = []
     for codec in codecs.values():
         vae = codec.vae
-        shape = tuple(vae.latent_shape()) if hasattr(vae, "latent_shape") else (
+        shape = tuple(vae.latent_shape()) if is_mlp_vae(vae) else (
             vae.config.latent_channels, args.size // 8, args.size // 8)
         with torch.no_grad():
             samples = vae.decode(torch.randn((16, *shape), generator=gen)).sample.float()

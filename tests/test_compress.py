@@ -20,10 +20,11 @@ from PIL import Image
 from safetensors import safe_open
 
 from codec import Codec, LatentDataset
-from codec import compress as cp
-from codec import shards as sh
 from codec.cli import main
 from codec.images import load_image
+from codec.latents import compress as cp
+from codec.latents import inputs
+from codec.latents import shards as sh
 from codec.models import build_autoencoder
 
 
@@ -41,7 +42,7 @@ def run(codec_dir, src, out, *extra, workers=0):
 
 
 def encode_like_the_job(codec_dir, path, resolution, store_dtype=torch.float32):
-    x, _, _ = cp.fit(load_image(path), resolution)
+    x, _, _ = inputs.fit(load_image(path), resolution)
     codec = Codec.from_pretrained(codec_dir, device="cpu")
     return codec.encode(x[None].float() / 127.5 - 1)[0].to(store_dtype).float()
 
@@ -54,10 +55,10 @@ def all_keys(out):
 
 def test_fit_resizes_short_side_and_centre_crops():
     img = Image.fromarray(smooth_image(0, 40, 64))
-    x, size, crop = cp.fit(img, 32)  # 40x64 -> 32x51 -> crop 32x32 at left (51-32)//2
+    x, size, crop = inputs.fit(img, 32)  # 40x64 -> 32x51 -> crop 32x32 at left (51-32)//2
     assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and size == [40, 64] and crop == [0, 9]
     # native size: cropped down to multiples of 8
-    x, size, crop = cp.fit(Image.fromarray(smooth_image(0, 45, 61)), None)
+    x, size, crop = inputs.fit(Image.fromarray(smooth_image(0, 45, 61)), None)
     assert x.shape == (3, 40, 56) and size == [45, 61] and crop == [2, 2]
     assert torch.equal(x, torch.from_numpy(smooth_image(0, 45, 61)[2:42, 2:58]).permute(2, 0, 1))
 
@@ -255,11 +256,11 @@ def test_webdataset_tars_are_keyed_by_member_name(codec_dir, image_folder, tmp_p
     shards = tmp_path / "wds"
     (shards / "part").mkdir(parents=True)
     shutil.copy(tmp_path / "train-000.tar", shards / "part")
-    assert [i.key for i in cp.list_inputs(shards)][:2] == [
+    assert [i.key for i in inputs.list_inputs(shards)][:2] == [
         "part/train-000.tar/broken.jpg", "part/train-000.tar/img01.jpg"]
     (shards / "more.tar.gz").write_bytes(b"")
     with pytest.raises(ValueError, match="decompress it"):
-        cp.list_inputs(shards)
+        inputs.list_inputs(shards)
 
 
 def test_sample_is_reproducible_and_mean_std_feeds_fresh_samples(codec_dir, image_folder, tmp_path):

@@ -15,12 +15,12 @@ from diffusers import AutoencoderTiny
 from PIL import Image
 
 from codec import Codec
-from codec.cost import PeakMemory
-from codec.evaluate import evaluate
+from codec.evaluation.cost import PeakMemory
+from codec.evaluation.evaluate import evaluate
+from codec.evaluation.figures import error_heatmap, worst_window
+from codec.evaluation.references import ClassicalCodec, closest_quality, compress
 from codec.images import uint8_to_tensor
 from codec.models import build_autoencoder
-from codec.pictures import error_heatmap, worst_window
-from codec.references import ClassicalCodec, closest_quality, compress
 
 METRICS = {"psnr", "ssim", "ms_ssim", "lpips_alex", "lpips_vgg"}
 
@@ -148,7 +148,7 @@ def test_peak_memory_sees_a_large_allocation():
 def test_eval_of_a_per_channel_codec_equals_decoding_by_hand(tmp_path):
     """A codec with latents_mean/latents_std (what `scale --per-channel` writes): eval's
     reconstruction is decode(posterior mean), computed here without codec.factors."""
-    from codec.references import LearnedCodec
+    from codec.evaluation.references import LearnedCodec
 
     torch.manual_seed(0)
     vae = build_autoencoder("test")

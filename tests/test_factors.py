@@ -116,8 +116,8 @@ def test_factor_functions_invert_and_refuse_ambiguity():
 
 def test_scale_per_channel_writes_latents_mean_std(image_folder, tmp_path, capsys):
     from codec.cli import main as cli
-    from codec.compress import fit
     from codec.images import list_images, load_image
+    from codec.latents.inputs import fit
 
     target = codec_with(scaling_factor=5.0).save_pretrained(tmp_path / "codec")
     assert cli(["scale", "--codec", str(target), "--input", str(image_folder), "--resolution", "32",

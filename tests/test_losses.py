@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from codec.lpips_weights import load_lpips
+from codec.evaluation.lpips_weights import load_lpips
 from codec.models import build_autoencoder
 from train import losses
 from train.config import LossConfig

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 pytest.importorskip("lpips")
-from codec import lpips_weights as lw  # noqa: E402
+from codec.evaluation import lpips_weights as lw  # noqa: E402
 
 REF_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lpips_ref"
 

@@ -1,4 +1,4 @@
-"""codec.metrics: PSNR / SSIM / MS-SSIM values, NaN handling in summaries, latent statistics."""
+"""codec.evaluation.metrics: PSNR / SSIM / MS-SSIM values, NaN handling in summaries, latent statistics."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from codec.metrics import MS_SSIM_MIN_SIDE, LatentStats, ms_ssim, psnr, ssim, summarize
+from codec.evaluation.metrics import MS_SSIM_MIN_SIDE, LatentStats, ms_ssim, psnr, ssim, summarize
 
 
 def _pair(h, w, noise=0.1, seed=0):

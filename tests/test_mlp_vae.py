@@ -15,9 +15,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from codec import Codec
-from codec.array_data import load_split, read_idx
-from codec.cli import main as cli
-from codec.elbo import (
+from codec.baseline.arrays import load_split, read_idx
+from codec.baseline.elbo import (
     active_units,
     bits_per_dim,
     elbo_terms,
@@ -25,7 +24,8 @@ from codec.elbo import (
     kl_weight,
     training_loss,
 )
-from codec.mlp_vae import MLPVAE
+from codec.baseline.mlp_vae import MLPVAE
+from codec.cli import main as cli
 from train.__main__ import main as train_main
 
 

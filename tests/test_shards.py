@@ -1,4 +1,4 @@
-"""codec.shards (atomic shards, records, manifest, verify) and codec.LatentDataset."""
+"""codec.latents.shards (atomic shards, records, manifest, verify) and codec.LatentDataset."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from codec import LatentDataset
-from codec import shards as sh
+from codec.latents import shards as sh
 
 
 def make_job(keys, store="mean"):

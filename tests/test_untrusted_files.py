@@ -15,9 +15,9 @@ from PIL import Image
 from test_shards import build
 
 from codec import Codec
-from codec import shards as sh
 from codec.cli import main
 from codec.images import ImageLoadError, load_image
+from codec.latents import shards as sh
 from codec.models import CodecLoadError, build_autoencoder
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

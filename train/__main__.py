@@ -6,8 +6,7 @@ import argparse
 import sys
 
 from codec.launch import relaunch_if_needed
-
-from .config import load_config, validate
+from train.config import load_config, validate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
         validate(cfg)
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
-    from .guards import NonFiniteLossError
-    from .loop import TrainingInterrupted, train  # imported late: `--help` and config errors stay instant
+    from train.guards import NonFiniteLossError
+    from train.loop import TrainingInterrupted, train  # imported late: `--help` and config errors stay instant
 
     try:
         train(cfg)

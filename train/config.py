@@ -28,7 +28,7 @@ class ModelConfig:
 
 @dataclass
 class MLPConfig:
-    """The vanilla VAE baseline (``model.kind: mlp-vae``, codec.mlp_vae.MLPVAE) and its ELBO."""
+    """The vanilla VAE baseline (``model.kind: mlp-vae``, codec.baseline.mlp_vae.MLPVAE) and its ELBO."""
 
     image_size: int = 28  # square images; image folders are cropped to it at random, like kl-f8
     in_channels: int = 1  # 1 = greyscale, 3 = RGB

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
 from pathlib import Path
 
@@ -33,15 +32,15 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from codec.launch import relaunch_if_needed
-
-from .ldm_config import LDMConfig, load_ldm_config, validate_ldm
+from train import run as runs
+from train.ldm_config import LDMConfig, load_ldm_config, validate_ldm
 
 
 class LatentStream(Dataset):
     """``LatentDataset`` items keyed ``(index, epoch)`` (train.data.EpochSampler's keys)."""
 
     def __init__(self, path, seed: int, fresh_samples: bool):
-        from codec.latent_dataset import LatentDataset
+        from codec.latents.dataset import LatentDataset
 
         self.data = LatentDataset(path, sample=False)  # we draw the samples, reproducibly
         self.seed, self.fresh = seed, fresh_samples
@@ -118,41 +117,24 @@ def train_ldm(cfg: LDMConfig) -> Path:
     try:
         return _train(cfg)
     finally:
-        from accelerate.state import AcceleratorState
-
-        AcceleratorState._reset_state(reset_partial_state=True)  # see train.loop.train
+        runs.reset_accelerate()
 
 
 def _train(cfg: LDMConfig) -> Path:
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
     from diffusers import DDPMPipeline
     from diffusers.training_utils import EMAModel
 
-    from codec.compress import codec_of_latents
     from codec.images import make_grid_image
-
-    from . import checkpoints as ckpt
-    from .config import save_config, to_dict
-    from .data import EpochSampler
-    from .loop import TrainState, _flat_scalars, resolve_mixed_precision
+    from codec.latents.compress import codec_of_latents
+    from train import checkpoints as ckpt
+    from train.config import save_config
+    from train.data import EpochSampler
 
     validate_ldm(cfg)
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),  # see train.loop
-        mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
-        log_with="tensorboard", project_dir=str(out),
-    )
-    set_seed(cfg.seed)
+    accelerator, resume_from = runs.start(cfg)
     is_main = accelerator.is_main_process
-    resume_from = ckpt.latest_checkpoint(ckpt_dir) if cfg.resume else None
-    if not cfg.resume and ckpt.list_checkpoints(ckpt_dir):
-        raise FileExistsError(
-            f"{ckpt_dir} already holds checkpoints; pass --set resume=true to continue that run "
-            "or choose another output_dir"
-        )
 
     data = LatentStream(cfg.data.latents, cfg.seed, cfg.data.fresh_samples)
     sampler = EpochSampler(len(data), cfg.seed, accelerator.process_index, accelerator.num_processes, cfg.batch_size)
@@ -172,19 +154,15 @@ def _train(cfg: LDMConfig) -> Path:
     ema = EMAModel(raw.parameters(), decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
     if ema is not None:
         ema.to(accelerator.device)
-    state = TrainState()
+    runs.seed_per_process(accelerator, cfg.seed)
+    state = runs.TrainState()
     own_state = {"train": state, **({"ema": ema} if ema is not None else {})}  # saved without pickle
-    if resume_from:
-        ckpt.load_accelerate_state(accelerator, resume_from)
-        ckpt.load_objects(resume_from, own_state)
-        if is_main:
-            print(f"resumed from {resume_from} at step {state.step}")
+    runs.resume(accelerator, resume_from, own_state, state)
+    runs.open_output(accelerator, cfg)
+    ema_weights = runs.ema_weights(ema, raw.parameters())
 
     codec = None
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        accelerator.init_trackers("tensorboard", config=_flat_scalars(to_dict(cfg)))
         # The codec that made the latents (checked by weight hash and factors) decodes samples.
         codec = codec_of_latents(data.data.job, cfg.data.codec, device=accelerator.device)
         probe = torch.stack([data[(i, 0)] for i in range(min(len(data), 64))])
@@ -198,14 +176,14 @@ def _train(cfg: LDMConfig) -> Path:
 
     def export(folder: Path) -> None:
         """A DDPMPipeline folder (EMA weights where on): unet/ + scheduler/ + the codec used."""
-        with ema_weights():
+        with ema_weights:
             DDPMPipeline(unet=raw, scheduler=noise_scheduler).save_pretrained(str(folder))
         info = {"codec": cfg.data.codec or data.data.job["codec"]["path"],
                 "latents": str(Path(cfg.data.latents).resolve()), "step": state.step}
         (folder / "vae_codec_ldm.json").write_text(json.dumps(info, indent=2))
 
     def samples() -> Path:
-        with ema_weights():
+        with ema_weights:
             raw.eval()
             latents = sample_latents(raw, noise_scheduler, cfg.num_samples, cfg.sample_steps,
                                      torch.Generator().manual_seed(cfg.seed))
@@ -214,16 +192,6 @@ def _train(cfg: LDMConfig) -> Path:
         cols = math.ceil(math.sqrt(cfg.num_samples))
         path = out / "samples" / f"{ckpt.checkpoint_name(state.step)}.png"
         return make_grid_image(images.split(cols), path)
-
-    class ema_weights:
-        def __enter__(self):
-            if ema is not None:
-                ema.store(raw.parameters())
-                ema.copy_to(raw.parameters())
-
-        def __exit__(self, *exc):
-            if ema is not None:
-                ema.restore(raw.parameters())
 
     def save_checkpoint() -> Path:
         def write_extras(folder: Path) -> None:
@@ -286,15 +254,11 @@ def _train(cfg: LDMConfig) -> Path:
             break
     progress.close()
 
-    final = ckpt_dir / ckpt.checkpoint_name(state.step)
-    if not (final / ckpt.COMPLETE).exists():
-        final = save_checkpoint()
+    final = runs.final_checkpoint(ckpt_dir, state.step, save_checkpoint)
     pipeline_dir = out / "pipeline"
     if is_main:
         grid = samples()
-        if pipeline_dir.exists():
-            shutil.rmtree(pipeline_dir)
-        shutil.copytree(final / "pipeline", pipeline_dir)
+        runs.publish(final / "pipeline", pipeline_dir)
         print(f"step {state.step}: checkpoint {final}, pipeline {pipeline_dir}, samples {grid}")
     accelerator.end_training()
     return pipeline_dir

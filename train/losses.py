@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import LossConfig
+from train.config import LossConfig
 
 
 class LogVar(nn.Module):

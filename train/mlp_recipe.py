@@ -1,4 +1,5 @@
-"""The pieces ``train.loop`` swaps in for ``model.kind: mlp-vae``: model, data and the ELBO.
+"""The recipe ``train.loop`` uses for ``model.kind: mlp-vae`` (:class:`MLPRecipe`, chosen once
+by :func:`train.recipes.recipe_for`): model, data and the ELBO.
 
 The loop itself (accelerate, checkpoints, resume, EMA, export) is the kl-f8 one; only what
 differs lives here:
@@ -19,12 +20,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from codec.array_data import is_array_source, load_split, to_tensor
-from codec.elbo import kl_weight, targets, terms_from, training_loss
-from codec.mlp_vae import MLPVAE
-
-from .config import TrainConfig
-from .data import CropDataset, gather_files
+from codec.baseline.arrays import is_array_source, load_split, to_tensor
+from codec.baseline.elbo import kl_weight, targets, terms_from, training_loss
+from codec.baseline.mlp_vae import MLPVAE
+from train.config import TrainConfig
+from train.data import CropDataset, gather_files
 
 
 def build_mlp_vae(cfg: TrainConfig) -> MLPVAE:
@@ -117,3 +117,40 @@ class ELBOLoss:
         m = self.m
         w = kl_weight(step, m.beta, m.kl_anneal, m.kl_anneal_steps, m.kl_anneal_cycles, m.kl_anneal_ratio)
         return training_loss(terms, w, m.free_bits)
+
+
+class MLPRecipe:
+    """``model.kind: mlp-vae`` for the training loop (see :mod:`train.recipes`)."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.elbo = ELBOLoss(cfg)
+        # Codec encodes without labels; a conditional VAE's latents are N(0, I) by its KL.
+        self.measures_factors = not cfg.mlp.conditional
+
+    def describe(self) -> str:
+        return self.cfg.model.init_from or self.cfg.model.kind
+
+    def build_vae(self) -> MLPVAE:
+        return build_mlp_vae(self.cfg)
+
+    def wrap(self, vae: MLPVAE) -> nn.Module:
+        return ELBOWrapper(vae)
+
+    def perceptual_net(self) -> None:
+        return None  # the ELBO has no perceptual term
+
+    def dataset(self):
+        return build_dataset(self.cfg), collate
+
+    def inputs(self, batch: dict, device: torch.device) -> torch.Tensor:
+        return fit_channels(batch["pixels"].to(device, non_blocking=True), self.cfg.mlp.in_channels)
+
+    def loss(self, run, x: torch.Tensor, batch: dict):
+        labels = batch["labels"].to(x.device) if self.cfg.mlp.conditional else None
+        params, posterior = run.model(x, labels)  # params: the decoder's distribution parameters
+        loss, logs = self.elbo(run.raw_vae, x, params, posterior, run.state.step)
+        return params, loss, logs
+
+    def shown(self, raw_vae: MLPVAE, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return raw_vae.mean_image(params[:4].detach().float()).mul(2).sub(1).view_as(x[:4])

@@ -22,13 +22,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import elbo
-from .array_data import binarize, is_array_source, load_split, to_tensor
-from .images import ImageLoadError, list_images, load_image, make_grid_image, pil_to_tensor
-from .mlp_vae import MLPVAE
-from .models import count_parameters, load_autoencoder
-
-META_FILE = "vae_codec.json"
+from codec.baseline import elbo
+from codec.baseline.arrays import binarize, is_array_source, load_split, to_tensor
+from codec.baseline.mlp_vae import MLPVAE
+from codec.images import ImageLoadError, list_images, load_image, make_grid_image, pil_to_tensor
+from codec.io import is_mlp_vae, read_metadata
+from codec.models import count_parameters, load_autoencoder
 
 
 def load_eval_set(data: str, model: MLPVAE, limit: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
@@ -65,12 +64,11 @@ def evaluate_vae(codec: str, data: str, out: str, nll_samples: int = 5000, limit
                  batch_size: int = 100, chunk: int = 500, binarize_mode: str = "auto", seed: int = 0,
                  device: str | None = None) -> dict:
     model = load_autoencoder(codec)
-    if not isinstance(model, MLPVAE):
+    if not is_mlp_vae(model):
         raise ValueError(f"{codec}: --nll-samples and array data need an MLPVAE codec (the vanilla VAE baseline)")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(dev).eval().requires_grad_(False)
-    meta_path = Path(codec) / META_FILE
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta = read_metadata(codec)
     trained_binarized = bool(meta.get("train_config", {}).get("mlp", {}).get("binarize", False))
     x, labels, notes = load_eval_set(data, model, limit)
     if model.config.num_classes and labels is None:

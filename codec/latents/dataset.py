@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import Dataset
 
-from . import shards as sh
+from codec.latents import shards as sh
 
 
 class LatentDataset(Dataset):

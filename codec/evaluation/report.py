@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from html import escape
 
-from .metrics import IMAGE_METRICS, LOWER_IS_BETTER
+from codec.evaluation.metrics import IMAGE_METRICS, LOWER_IS_BETTER
 
 TITLES = {"psnr": "PSNR (dB) ↑", "ssim": "SSIM ↑", "ms_ssim": "MS-SSIM ↑",
           "lpips_alex": "LPIPS AlexNet ↓", "lpips_vgg": "LPIPS VGG ↓"}

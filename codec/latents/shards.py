@@ -30,6 +30,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_bytes
 
+from codec.io import read_json
+
 FORMAT = "vae-codec-latents"
 VERSION = 1
 JOB_FILE = "job.json"
@@ -44,14 +46,6 @@ STORES = ("mean", "sample", "mean_std")
 
 class ShardError(ValueError):
     """A shard, manifest or record that is malformed; the message names the file."""
-
-
-def read_json(path: Path, kind: type[ValueError] = ValueError):
-    """Parse a JSON file, raising ``kind`` (a ValueError) naming the file when it is not JSON."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise kind(f"{path}: not valid JSON ({exc})") from exc
 
 
 class JobMismatchError(ValueError):

@@ -2,7 +2,7 @@
 
 PSNR on 8-bit-equivalent [0, 1] pixels; SSIM (Wang et al. 2004) and MS-SSIM (Wang, Simoncelli
 & Bovik 2003, five scales, weights 0.0448 ... 0.1333) from torchmetrics, Gaussian window 11,
-sigma 1.5; LPIPS (Zhang et al. 2018) with real ImageNet weights via :mod:`codec.lpips_weights`;
+sigma 1.5; LPIPS (Zhang et al. 2018) with real ImageNet weights via :mod:`codec.evaluation.lpips_weights`;
 latent statistics of a KL autoencoder's posterior. The same functions serve training-time
 validation, ``vae-codec eval`` and the benchmarks, so every figure in the project is computed
 one way.
@@ -63,7 +63,7 @@ def ms_ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _shared_lpips(net: str, device: torch.device):
     # Frozen and in eval mode, so one copy per (net, device) can serve every caller in the
     # process: evaluating several codecs (or tests) pays the ~2-5 s load once.
-    from .lpips_weights import load_lpips
+    from codec.evaluation.lpips_weights import load_lpips
 
     return load_lpips(net, device=device)
 

@@ -14,20 +14,19 @@ learned codecs the scaled latents (and the posterior, for KL autoencoders).
 from __future__ import annotations
 
 import io
-import json
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .codec import Codec, resolve_dtype
-from .factors import scale_latents, unscale_latents
-from .images import tensor_to_uint8, uint8_to_tensor
-from .models import count_parameters
+from codec.codec import Codec, resolve_dtype
+from codec.factors import scale_latents, unscale_latents
+from codec.images import tensor_to_uint8, uint8_to_tensor
+from codec.io import config_folder, read_config
+from codec.models import count_parameters
 
 LATENT_STORAGE_BITS = 16  # latents stored as fp16, the way latent datasets are usually kept
 CLASSICAL_FORMATS = {"jpeg": "JPEG", "webp": "WEBP"}  # our name -> Pillow format
@@ -53,16 +52,13 @@ def _sync(device: torch.device) -> None:
 
 def autoencoder_class(path: str | os.PathLike) -> str:
     """The diffusers class named in a folder's config.json (a pipeline folder: its vae/)."""
-    folder = Path(path)
-    if not (folder / "config.json").exists() and (folder / "vae" / "config.json").exists():
-        folder = folder / "vae"
-    cfg = folder / "config.json"
-    if not cfg.exists():
+    config = read_config(path)
+    if config is None:
         raise FileNotFoundError(
             f"{path}: no config.json; pass a diffusers AutoencoderKL or AutoencoderTiny folder "
             "(or a pipeline folder with vae/)"
         )
-    return json.loads(cfg.read_text()).get("_class_name", "AutoencoderKL")
+    return config.get("_class_name", "AutoencoderKL")
 
 
 class LearnedCodec:
@@ -80,7 +76,7 @@ class LearnedCodec:
         elif self.kind == "AutoencoderTiny":
             from diffusers import AutoencoderTiny
 
-            folder = Path(path) / "vae" if (Path(path) / "vae" / "config.json").exists() else Path(path)
+            folder = config_folder(path)
             self.codec = None
             self.dtype = resolve_dtype(dtype)
             self.vae = AutoencoderTiny.from_pretrained(str(folder)).to(self.device, self.dtype).eval()

@@ -26,70 +26,21 @@ from pathlib import Path
 
 import torch
 
-from .array_data import is_array_source
-from .cost import PeakMemory
-from .fid import make_rfid
-from .images import ImageLoadError, center_crop_multiple, list_images, load_image, pil_to_tensor, tensor_to_uint8
-from .metrics import IMAGE_METRICS, MS_SSIM_MIN_SIDE, LatentStats, LPIPSMetric, image_metrics, summarize
-from .pictures import HEATMAP_MAX, crop, data_uri, error_heatmap, grid, histogram, thumbnail_with_box, worst_window
-from .references import CLASSICAL_FORMATS, ClassicalCodec, LearnedCodec
-
-
-def register(sub, codec_args) -> None:
-    """Add ``eval`` to the CLI. ``codec_args`` (the shared --codec/--device/... options) is not
-    used: here ``--codec`` repeats, and one image at a time makes --batch-size meaningless."""
-    p = sub.add_parser("eval", help="metrics, pictures and an HTML report for one or more codecs")
-    p.add_argument("--codec", action="append", required=True,
-                   help="codec folder (ours, any diffusers AutoencoderKL or AutoencoderTiny); repeat "
-                        "to compare; the first one picks the worst images and the reference rate")
-    p.add_argument("--data", required=True,
-                   help="image folder or file list; for MLP VAE codecs also an .npz / idx folder (test split)")
-    p.add_argument("--out", required=True, help="folder for metrics.json, per_image.csv, report.html")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N images")
-    p.add_argument("--worst", type=int, default=4, help="how many worst images (by PSNR) to show")
-    p.add_argument("--crop", type=int, default=128, help="side of the picture crops, in pixels")
-    p.add_argument("--no-classical", action="store_true", help="leave out the JPEG and WebP references")
-    # The vanilla VAE baseline (MLPVAE codecs) is evaluated as in the VAE literature (vae_eval).
-    p.add_argument("--nll-samples", type=int, default=None,
-                   help="MLP VAE codecs: importance samples k for log p(x) (Burda et al. use 5000; 0: ELBO only)")
-    p.add_argument("--binarize", default=None, choices=["auto", "yes", "no"],
-                   help="MLP VAE codecs: binarise the test set once (auto: when the model trained on binarised data)")
-    p.add_argument("--seed", type=int, default=None,
-                   help="MLP VAE codecs (default 0): seed of the binarisation and samples")
-    p.set_defaults(func=cmd_eval)
-
-
-def _is_mlp_vae(path: str) -> bool:
-    cfg = Path(path) / "config.json"
-    return cfg.exists() and json.loads(cfg.read_text()).get("_class_name") == "MLPVAE"
-
-
-def cmd_eval(args) -> int:
-    if any(_is_mlp_vae(c) for c in args.codec) or is_array_source(args.data):
-        from .vae_eval import evaluate_vae, summary
-
-        if len(args.codec) != 1:
-            raise ValueError("MLP VAE evaluation takes one --codec")
-        report = evaluate_vae(args.codec[0], args.data, args.out,
-                              nll_samples=5000 if args.nll_samples is None else args.nll_samples,
-                              limit=args.limit, binarize_mode=args.binarize or "auto", seed=args.seed or 0,
-                              device=args.device)
-        print(summary(report))
-        print(f"written to {args.out}/metrics.json (+ samples.png, interpolation.png, reconstructions.png)")
-        return 0
-    if args.nll_samples is not None or args.binarize is not None or args.seed is not None:
-        raise ValueError("--nll-samples, --binarize and --seed apply to MLP VAE codecs only "
-                         "(kl-f8 codecs have no tractable log p(x) here)")
-    report = evaluate(args.codec, args.data, args.out, device=args.device, dtype=args.dtype,
-                      limit=args.limit, worst=args.worst, crop_size=args.crop,
-                      classical=not args.no_classical)
-    print(summary_table(report))
-    for notice in report["notices"]:
-        print(f"note: {notice}")
-    print(f"{report['images']} images; written to {args.out}/report.html (+ metrics.json, per_image.csv)")
-    return 0
+from codec.evaluation.cost import PeakMemory
+from codec.evaluation.fid import make_rfid
+from codec.evaluation.figures import (
+    HEATMAP_MAX,
+    crop,
+    data_uri,
+    error_heatmap,
+    grid,
+    histogram,
+    thumbnail_with_box,
+    worst_window,
+)
+from codec.evaluation.metrics import IMAGE_METRICS, MS_SSIM_MIN_SIDE, LatentStats, LPIPSMetric, image_metrics, summarize
+from codec.evaluation.references import CLASSICAL_FORMATS, ClassicalCodec, LearnedCodec
+from codec.images import ImageLoadError, center_crop_multiple, list_images, load_image, pil_to_tensor, tensor_to_uint8
 
 
 # ------------------------------------------------------------------------- the evaluation
@@ -182,7 +133,7 @@ def evaluate(codecs: list[str], data: str, out: str, device: str | None = None,
     pictures = _pictures(out, report, good, picks, windows, crops, hists, rows)
     (out / "metrics.json").write_text(json.dumps(_json_safe(report), indent=2))
     _write_csv(out / "per_image.csv", rows)
-    from .report import render
+    from codec.evaluation.report import render
 
     (out / "report.html").write_text(render(report, pictures, rows), encoding="utf-8")
     return report

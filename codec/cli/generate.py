@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .images import load_image, make_grid_image, pil_to_tensor
-from .models import load_autoencoder
+from codec.images import load_image, make_grid_image, pil_to_tensor
+from codec.io import is_mlp_vae
+from codec.models import load_autoencoder
 
 
 def _model(args):
@@ -28,16 +29,12 @@ def _model(args):
     return load_autoencoder(args.codec).to(dev).eval().requires_grad_(False), dev
 
 
-def _is_mlp(model) -> bool:
-    return hasattr(model, "latent_shape")
-
-
 @torch.no_grad()
 def sample_prior(model, num: int, generator: torch.Generator, size: int | None = None, labels=None,
                  temperature: float = 1.0) -> torch.Tensor:
     """``num`` decoded prior samples, (num, C, H, W) in [-1, 1]."""
     dev = next(model.parameters()).device
-    if _is_mlp(model):
+    if is_mlp_vae(model):
         if size is not None:
             raise ValueError("--size applies to kl-f8 codecs; an MLP VAE has a fixed image size")
         shape = tuple(model.latent_shape())
@@ -50,7 +47,7 @@ def sample_prior(model, num: int, generator: torch.Generator, size: int | None =
     kwargs = {}
     if labels is not None:
         kwargs["labels"] = torch.as_tensor(labels).to(dev)
-    elif _is_mlp(model) and model.config.num_classes:
+    elif is_mlp_vae(model) and model.config.num_classes:
         raise ValueError("this is a conditional VAE: pass --label (a class in [0, num_classes))")
     return model.decode(z.to(dev), **kwargs).sample.float().cpu()
 
@@ -58,7 +55,7 @@ def sample_prior(model, num: int, generator: torch.Generator, size: int | None =
 def _load_for(model, path: str, like: torch.Tensor | None = None) -> torch.Tensor:
     """One image as (1, C, H, W) the model accepts: MLP VAEs get their size (and grey)."""
     img = load_image(path)
-    if _is_mlp(model):
+    if is_mlp_vae(model):
         s = model.config.image_size
         img = img.resize((s, s), Image.BICUBIC) if img.size != (s, s) else img
         return model.fit_images(pil_to_tensor(img)[None])
@@ -119,9 +116,9 @@ def cmd_interpolate(args) -> int:
     return 0
 
 
-def register(sub, codec_args) -> None:
+def register(sub) -> None:
     def common(p):
-        # --batch-size / --dtype of codec_args have no meaning here; take only what is used.
+        # --batch-size / --dtype of codec.cli.options.codec_args have no meaning here.
         p.add_argument("--codec", required=True, help="codec folder: an MLP VAE or a kl-f8 AutoencoderKL")
         p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
         p.add_argument("--label", type=int, default=None, help="class for a conditional MLP VAE")

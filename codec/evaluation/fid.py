@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .images import tensor_to_uint8
+from codec.images import tensor_to_uint8
 
 ENABLE_HINT = (
     "pip install torch-fidelity and run once with internet access (the Inception weights "

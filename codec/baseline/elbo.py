@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .mlp_vae import MLPVAE
+from codec.baseline.mlp_vae import MLPVAE
 
 ANNEALING = ("none", "linear", "cyclical")
 

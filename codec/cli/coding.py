@@ -1,0 +1,156 @@
+"""``vae-codec export | encode | decode``: a trained run to a shareable codec, images to latents
+and back."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from codec.cli.options import codec_args, tile_args
+from codec.codec import Codec
+from codec.factors import normalisation_of
+from codec.images import load_image, pil_to_tensor, save_image
+from codec.latents.scale import apply_factors, measure_images
+from codec.single_file import is_single_file, save_single_file, ui_incompatibility
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="training run / checkpoint -> diffusers folder or single file")
+    p.add_argument("source", help="a run folder (uses its latest checkpoint), a checkpoint, a codec "
+                   "folder or a single-file .safetensors")
+    p.add_argument("output")
+    p.add_argument("--data", help="images to re-measure the latent factors on, as `vae-codec scale` does, "
+                   "keeping the codec's kind of normalisation (default: keep the run's factors)")
+    p.add_argument("--samples", type=int, default=64, help="images used with --data (a seeded sample spread over it)")
+    p.add_argument("--resolution", type=int, default=256,
+                   help="with --data: short side resized to this, centre-cropped square")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--format", choices=["diffusers", "single-file"], default="diffusers",
+        help="a diffusers folder, or one .safetensors in the CompVis/LDM layout (ComfyUI and A1111 load "
+             "it for the sd-kl-f8 architecture only; other presets get a note saying so)",
+    )
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("encode", help="image -> latents (.safetensors)")
+    codec_args(p)
+    p.add_argument("image")
+    p.add_argument("output")
+    p.add_argument("--sample", action="store_true", help="sample the posterior instead of its mean")
+    p.add_argument("--seed", type=int, default=0, help="seed for --sample")
+    p.add_argument("--pad", action="store_true", help="pad sizes that are not multiples of 8")
+    tile_args(p)
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("decode", help="latents (.safetensors) -> image")
+    codec_args(p)
+    p.add_argument("latents")
+    p.add_argument("output")
+    tile_args(p)
+    p.set_defaults(func=cmd_decode)
+
+
+
+# ------------------------------------------------------------------------- export
+def find_codec_folder(source: Path) -> Path:
+    """A training run, one checkpoint, or a codec folder -> the diffusers folder to export."""
+    if (source / "config.json").exists() or is_single_file(source):
+        return source  # already a codec folder or a single-file checkpoint
+    if (source / "codec" / "config.json").exists() and (source / "COMPLETE").exists():
+        return source / "codec"  # one checkpoint
+    ckpts = source / "checkpoints"
+    if ckpts.is_dir():
+        complete = sorted(p for p in ckpts.iterdir() if (p / "COMPLETE").exists() and (p / "codec").is_dir())
+        if complete:
+            return complete[-1] / "codec"
+    raise FileNotFoundError(
+        f"{source}: not a training run (with checkpoints/), a checkpoint (step_XXXXXXXX/) or a "
+        "codec folder (config.json)"
+    )
+
+
+def cmd_export(args) -> int:
+    src = find_codec_folder(Path(args.source))
+    out = Path(args.output)
+    single = args.format == "single-file"
+    if single and out.suffix != ".safetensors":
+        raise ValueError(f"{out}: --format single-file writes one .safetensors file; name it *.safetensors")
+    if out.exists() and (out.is_file() or any(out.iterdir())) and not args.overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    codec = Codec.from_pretrained(src, device="cpu")
+    if args.data:  # re-measured the way `vae-codec scale` measures, keeping the codec's normalisation
+        normalisation = normalisation_of(codec.vae.config)
+        stats = measure_images(codec, args.data, args.resolution, args.samples, seed=0)
+        apply_factors(codec, stats, normalisation)
+        print(f"measured {normalisation} factors on {stats['num_images']} images (scaling_factor "
+              f"{codec.scaling_factor:.5f}, {len(stats['skipped'])} unreadable)")
+    if out.is_dir():
+        shutil.rmtree(out)
+    if single:
+        codec.meta["exported_from"] = str(src)
+        save_single_file(codec.vae, out, meta=codec.meta)
+        why = ui_incompatibility(codec.vae.config)
+        if why:
+            print(f"note: ComfyUI and A1111 will not load {out}: their VAE loaders build only the "
+                  f"sd-kl-f8 architecture, and this codec has {why}. diffusers and "
+                  "Codec.from_pretrained load it.", file=sys.stderr)
+    else:
+        codec.save_pretrained(out, meta={"exported_from": str(src)})
+    print(f"exported {src} -> {out} (scaling_factor {codec.scaling_factor:.5f})")
+    return 0
+
+
+# ------------------------------------------------------------------------- encode / decode
+def _codec(args) -> Codec:
+    return Codec.from_pretrained(
+        args.codec, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+        tile_size=args.tile_size, tile_overlap=args.tile_overlap, tile_method=args.tile_method,
+    )
+
+
+def cmd_encode(args) -> int:
+    codec = _codec(args)
+    image = pil_to_tensor(load_image(args.image))[None]
+    h, w = image.shape[-2:]
+    gen = torch.Generator().manual_seed(args.seed) if args.sample else None
+    latents = codec.encode(image, sample=args.sample, generator=gen, pad=args.pad)
+    meta = {
+        "height": str(h), "width": str(w), "source": str(args.image),
+        "scaling_factor": repr(codec.scaling_factor), "shift_factor": repr(codec.shift_factor),
+        "codec": str(args.codec), "sampled": str(bool(args.sample)),
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    save_file({"latents": latents.contiguous()}, args.output, metadata=meta)
+    print(f"{args.image} ({w}x{h}) -> {args.output} latents {tuple(latents.shape)}")
+    return 0
+
+
+def cmd_decode(args) -> int:
+    codec = _codec(args)
+    from safetensors import safe_open
+
+    if not Path(args.latents).is_file():
+        raise FileNotFoundError(f"{args.latents}: no such latents file")
+    try:  # safetensors only: a latents file is never unpickled
+        with safe_open(args.latents, "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(args.latents)
+        size = (int(meta["height"]), int(meta["width"])) if "height" in meta else None
+    except Exception as exc:
+        raise ValueError(f"{args.latents}: not a readable latents file ({type(exc).__name__}: {exc})") from exc
+    if "latents" not in tensors:
+        raise ValueError(f"{args.latents}: no 'latents' tensor (found {sorted(tensors)})")
+    saved_scale = meta.get("scaling_factor")
+    if saved_scale is not None and abs(float(saved_scale) - codec.scaling_factor) > 1e-6:
+        print(
+            f"warning: latents were scaled with {saved_scale}, this codec uses "
+            f"{codec.scaling_factor}", file=sys.stderr,
+        )
+    image = codec.decode(tensors["latents"], size=size)
+    save_image(image[:1], args.output)
+    print(f"{args.latents} -> {args.output} ({image.shape[-1]}x{image.shape[-2]})")
+    return 0

@@ -1,0 +1,60 @@
+"""``vae-codec eval``: metrics, pictures and an HTML report for codecs (the work is
+:mod:`codec.evaluation`; MLP VAE codecs and array datasets go to :mod:`codec.baseline`)."""
+
+from __future__ import annotations
+
+from codec.baseline.arrays import is_array_source
+from codec.evaluation.evaluate import evaluate, summary_table
+from codec.io import is_mlp_vae
+
+
+def register(sub) -> None:
+    """Add ``eval``. Not :func:`codec.cli.options.codec_args`: here ``--codec`` repeats, and one
+    image at a time makes --batch-size meaningless."""
+    p = sub.add_parser("eval", help="metrics, pictures and an HTML report for one or more codecs")
+    p.add_argument("--codec", action="append", required=True,
+                   help="codec folder (ours, any diffusers AutoencoderKL or AutoencoderTiny); repeat "
+                        "to compare; the first one picks the worst images and the reference rate")
+    p.add_argument("--data", required=True,
+                   help="image folder or file list; for MLP VAE codecs also an .npz / idx folder (test split)")
+    p.add_argument("--out", required=True, help="folder for metrics.json, per_image.csv, report.html")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N images")
+    p.add_argument("--worst", type=int, default=4, help="how many worst images (by PSNR) to show")
+    p.add_argument("--crop", type=int, default=128, help="side of the picture crops, in pixels")
+    p.add_argument("--no-classical", action="store_true", help="leave out the JPEG and WebP references")
+    # The vanilla VAE baseline (MLPVAE codecs) is evaluated as in the VAE literature (vae_eval).
+    p.add_argument("--nll-samples", type=int, default=None,
+                   help="MLP VAE codecs: importance samples k for log p(x) (Burda et al. use 5000; 0: ELBO only)")
+    p.add_argument("--binarize", default=None, choices=["auto", "yes", "no"],
+                   help="MLP VAE codecs: binarise the test set once (auto: when the model trained on binarised data)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="MLP VAE codecs (default 0): seed of the binarisation and samples")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    if any(is_mlp_vae(c) for c in args.codec) or is_array_source(args.data):
+        from codec.baseline.evaluate import evaluate_vae, summary
+
+        if len(args.codec) != 1:
+            raise ValueError("MLP VAE evaluation takes one --codec")
+        report = evaluate_vae(args.codec[0], args.data, args.out,
+                              nll_samples=5000 if args.nll_samples is None else args.nll_samples,
+                              limit=args.limit, binarize_mode=args.binarize or "auto", seed=args.seed or 0,
+                              device=args.device)
+        print(summary(report))
+        print(f"written to {args.out}/metrics.json (+ samples.png, interpolation.png, reconstructions.png)")
+        return 0
+    if args.nll_samples is not None or args.binarize is not None or args.seed is not None:
+        raise ValueError("--nll-samples, --binarize and --seed apply to MLP VAE codecs only "
+                         "(kl-f8 codecs have no tractable log p(x) here)")
+    report = evaluate(args.codec, args.data, args.out, device=args.device, dtype=args.dtype,
+                      limit=args.limit, worst=args.worst, crop_size=args.crop,
+                      classical=not args.no_classical)
+    print(summary_table(report))
+    for notice in report["notices"]:
+        print(f"note: {notice}")
+    print(f"{report['images']} images; written to {args.out}/report.html (+ metrics.json, per_image.csv)")
+    return 0

@@ -1,0 +1,35 @@
+"""``vae-codec``: export, encode, decode, compress and evaluate codecs from the command line.
+
+Every subcommand is a function of parsed arguments; ``main(argv)`` returns an exit code so the
+CLI is tested in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from codec.cli import coding, evaluation, generate, latents
+from codec.images import ImageLoadError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vae-codec", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for group in (coding, evaluation, latents, generate):
+        group.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, FileExistsError, ValueError, ImageLoadError) as exc:
+        print(f"vae-codec {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

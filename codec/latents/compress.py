@@ -1,0 +1,307 @@
+"""Image datasets <-> latent shards: :func:`compress` (resumable, multi-process) and
+:func:`decompress`.
+
+The inputs (:mod:`codec.latents.inputs`: image files found recursively, and the image members of
+webdataset ``.tar`` shards) are sorted by key and cut into chunks of ``shard_size``. Chunk ``i``
+becomes ``shards/{i:06d}-{h}x{w}.safetensors`` (one shard per latent shape) plus the commit
+record ``parts/chunk-{i:06d}.json``; see :mod:`codec.latents.shards` for the format. A rerun
+skips the chunks whose record exists, so a killed job continues where it stopped and every input
+ends up in exactly one shard row or in the skipped list. Under ``accelerate launch`` (or
+torchrun) rank ``r`` of ``W`` encodes every ``W``-th pending chunk, and rank 0 merges
+``manifest.json``. Because work is divided by chunk (not by rank), a rerun may use a different
+number of processes.
+
+Images are decoded, resized and cropped in DataLoader workers (``num_workers``) while the main
+process encodes; memory holds at most one chunk of latents plus the loader's prefetched batches,
+whatever the dataset size. The commands are :mod:`codec.cli.latents`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from codec.codec import DOWNSAMPLE, Codec
+from codec.factors import scale_latents, scale_std
+from codec.images import IMAGE_EXTENSIONS, save_image
+from codec.io import read_metadata
+from codec.latents import shards as sh
+from codec.latents.inputs import ImageInputs, as_list, list_inputs
+from codec.models import load_autoencoder
+from codec.tiling import check_method
+
+
+# ------------------------------------------------------------------------- the job
+def weights_sha256(vae) -> str:
+    """Fingerprint of a model's weights (names, dtypes and bytes), independent of its folder."""
+    h = hashlib.sha256()
+    for name, t in sorted(vae.state_dict().items()):
+        h.update(name.encode() + str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_codec(path, device=None, dtype="fp32", batch_size=8) -> tuple[Codec, dict]:
+    """The codec and its description for a manifest (config, factors, weight hash, metadata)."""
+    vae = load_autoencoder(path).float()  # hashed in fp32 on the CPU, whatever --dtype is
+    meta = read_metadata(path)
+    info = {
+        # Absolute when local, so decompress finds it from any folder (else a hub id).
+        "path": str(Path(path).resolve()) if Path(path).exists() else str(path),
+        "weights_sha256": weights_sha256(vae),
+        # JSON round trip: tuples become lists, as they read back from job.json.
+        "config": json.loads(json.dumps(
+            {k: v for k, v in vae.config.items() if not k.startswith("_")}, default=str
+        )),
+    }
+    codec = Codec(vae, device=device, dtype=dtype, batch_size=batch_size, meta=meta)
+    info.update(scaling_factor=codec.scaling_factor, shift_factor=codec.shift_factor, meta=meta)
+    return codec, info
+
+
+def _distributed_state():
+    """accelerate's PartialState when launched with several processes, else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    # Imported only here: encoding on one process must not need (or pay for) accelerate.
+    from accelerate import PartialState
+
+    # Without a GPU, torchrun workers must be told they are CPU (gloo) processes.
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+class _Chunk:
+    """One chunk's encoded rows, grouped by latent shape, until its shards are written."""
+
+    def __init__(self, chunk: int):
+        self.id = chunk
+        self.pending: dict[tuple, list[dict]] = {}  # (h, w) -> decoded items not yet encoded
+        self.groups: dict[tuple, dict] = {}  # (h, w) -> {"tensors": {name: [..]}, row lists}
+        self.skipped: list[dict] = []
+
+
+def compress(
+    codec_path,
+    source,
+    output,
+    resolution: int | None = None,
+    store: str = "mean",
+    latent_dtype: str = "fp16",
+    shard_size: int = 1000,
+    batch_size: int = 8,
+    num_workers: int = 2,
+    device: str | None = None,
+    dtype: str = "fp32",
+    seed: int = 0,
+    progress: bool = True,
+) -> dict | None:
+    """Encode every image of ``source`` into shards under ``output``; returns the manifest's
+    summary on the main process (None on the others). See the module docstring."""
+    from tqdm.auto import tqdm
+
+    if store not in sh.STORES:
+        raise ValueError(f"unknown store {store!r}; choose from {list(sh.STORES)}")
+    if latent_dtype not in sh.LATENT_DTYPES:
+        raise ValueError(
+            f"unknown latent dtype {latent_dtype!r}; choose from {sorted(sh.LATENT_DTYPES)}"
+        )
+    if resolution is not None and (resolution <= 0 or resolution % DOWNSAMPLE):
+        raise ValueError(
+            f"--resolution must be a positive multiple of {DOWNSAMPLE}, got {resolution}"
+        )
+    if shard_size < 1 or seed < 0:
+        raise ValueError("--shard-size must be >= 1 and --seed >= 0")
+
+    state = _distributed_state()
+    rank, world = (state.process_index, state.num_processes) if state else (0, 1)
+    barrier = state.wait_for_everyone if state else (lambda: None)
+    is_main = rank == 0
+    inputs = list_inputs(source)
+    if not inputs:
+        raise ValueError(
+            f"no images ({', '.join(IMAGE_EXTENSIONS)}) or .tar shards found in {source}"
+        )
+    device = device or (state.device if state else None)
+    codec, codec_info = load_codec(codec_path, device=device, dtype=dtype, batch_size=batch_size)
+    job = {
+        "format": sh.FORMAT,
+        "version": sh.VERSION,
+        "codec": codec_info,
+        "settings": {
+            "resolution": resolution, "store": store, "latent_dtype": latent_dtype,
+            "compute_dtype": dtype, "shard_size": shard_size, "seed": seed,
+        },
+        "inputs": {
+            "source": str(Path(source).resolve()),  # absolute: verify lists it again later
+            "count": len(inputs),
+            "keys_sha256": sh.keys_digest(i.key for i in inputs),
+        },
+    }
+    out = Path(output)
+    sh.check_or_write_job(out, job, write=False)  # every rank refuses before anyone writes
+    if is_main:
+        sh.check_or_write_job(out, job, write=True)
+    barrier()
+    num_chunks = math.ceil(len(inputs) / shard_size)
+    pending = [c for c in range(num_chunks) if sh.load_record(out, c) is None]
+    barrier()  # all ranks list the same pending chunks before any rank commits one
+    mine = pending[rank::world]
+    indices = [
+        i for c in mine for i in range(c * shard_size, min((c + 1) * shard_size, len(inputs)))
+    ]
+
+    loader = DataLoader(
+        ImageInputs(inputs, indices, resolution), batch_size=batch_size, num_workers=num_workers,
+        collate_fn=as_list, prefetch_factor=4 if num_workers else None,
+    )
+    storage = sh.LATENT_DTYPES[latent_dtype]
+
+    def encode(items: list[dict]) -> dict[str, torch.Tensor]:
+        # uint8 travels to the device (4x fewer bytes than float), then [0, 255] -> [-1, 1].
+        x = torch.stack([it["image"] for it in items]).to(codec.device)
+        x = x.float().div_(127.5).sub_(1.0)
+        mean, logvar = codec.posterior(x)  # (B, C, h, w) unscaled, float32 on the CPU
+        # The factors exactly as Codec.encode / diffusers pipelines apply them (codec.factors).
+        mean_s = scale_latents(mean, codec.vae.config)
+        std_s = scale_std(torch.exp(0.5 * logvar), codec.vae.config)
+        if store == "mean":
+            return {"latents": mean_s}
+        if store == "mean_std":
+            return {"mean": mean_s, "std": std_s}
+        # One random stream per (seed, input): the sample does not depend on batching, ranks or
+        # resumes. numpy's SeedSequence takes both numbers (torch's CPU seed keeps only 32 bits).
+        noise = torch.from_numpy(np.stack([
+            np.random.default_rng([seed, it["index"]]).standard_normal(
+                mean.shape[1:], dtype=np.float32
+            )
+            for it in items
+        ]))
+        return {"latents": mean_s + std_s * noise}
+
+    def flush(chunk: _Chunk, hw: tuple) -> None:
+        items = chunk.pending.pop(hw, [])
+        if not items:
+            return
+        group = chunk.groups.setdefault(
+            hw, {"tensors": {}, "keys": [], "original_sizes": [], "crops_top_left": []}
+        )
+        for name, t in encode(items).items():
+            group["tensors"].setdefault(name, []).append(t.to(storage))
+        group["keys"] += [inputs[it["index"]].key for it in items]
+        group["original_sizes"] += [it["original_size"] for it in items]
+        group["crops_top_left"] += [it["crop_top_left"] for it in items]
+
+    def commit(chunk: _Chunk) -> None:
+        for hw in list(chunk.pending):
+            flush(chunk, hw)
+        entries = []
+        for hw, group in sorted(chunk.groups.items()):
+            tensors = {name: torch.cat(parts) for name, parts in group.pop("tensors").items()}
+            for name, t in tensors.items():
+                if not torch.isfinite(t).all():
+                    raise ValueError(
+                        f"{name} latents of chunk {chunk.id} overflow {latent_dtype}; "
+                        "use --latent-dtype fp32 (or bf16)"
+                    )
+            name = sh.shard_name(chunk.id, (hw[0] // DOWNSAMPLE, hw[1] // DOWNSAMPLE))
+            entries.append(sh.write_shard(out, name, tensors, group, job))
+        # The record is written last: it is what makes the chunk count as done.
+        record = {"chunk": chunk.id, "rank": rank, "shards": entries, "skipped": chunk.skipped}
+        sh.atomic_write_json(sh.record_path(out, chunk.id), record)
+
+    bar = tqdm(
+        total=len(indices), unit="img", disable=not (progress and is_main), dynamic_ncols=True,
+        desc=f"encoding (rank 0 of {world})" if world > 1 else "encoding",
+    )
+    chunk = None
+    with bar:
+        for batch in loader:
+            for item in batch:
+                c = item["index"] // shard_size
+                if chunk is None or chunk.id != c:
+                    if chunk is not None:
+                        commit(chunk)
+                    chunk = _Chunk(c)
+                if item["error"] is not None:
+                    key = inputs[item["index"]].key
+                    chunk.skipped.append({"key": key, "reason": item["error"]})
+                    continue
+                hw = tuple(item["image"].shape[-2:])
+                chunk.pending.setdefault(hw, []).append(item)
+                if len(chunk.pending[hw]) >= batch_size:
+                    flush(chunk, hw)
+            bar.update(len(batch))
+        if chunk is not None:
+            commit(chunk)
+    barrier()
+    if not is_main:
+        return None
+    manifest = sh.merge_manifest(out, job, num_chunks)
+    s = manifest["summary"]
+    print(
+        f"{source} -> {out}: {s['inputs']} inputs = {s['encoded']} encoded + "
+        f"{s['skipped']} skipped; "
+        f"{s['shards']} shards, {s['bytes'] / 1e6:.2f} MB, latent shapes {s['latent_shapes']}; "
+        f"{len(pending)} of {num_chunks} chunks encoded by this run ({world} process(es))"
+    )
+    for item in manifest["skipped"][:10]:
+        print(f"  skipped {item['key']}: {item['reason']}")
+    if len(manifest["skipped"]) > 10:
+        more = len(manifest["skipped"]) - 10
+        print(f"  ... and {more} more, all listed in {out / sh.MANIFEST_FILE}")
+    return s
+
+
+# ------------------------------------------------------------------------- decompress
+def codec_of_latents(manifest: dict, codec_path=None, **kwargs) -> Codec:
+    """The codec a compress job was made with (its recorded path unless ``codec_path``),
+    refusing any other: latents decode only with the weights and factors that made them."""
+    made_by = manifest["codec"]
+    codec, info = load_codec(codec_path or made_by["path"], **kwargs)
+    per_channel = ("latents_mean", "latents_std")
+    if (info["weights_sha256"], info["scaling_factor"], info["shift_factor"]) != (
+        made_by["weights_sha256"], made_by["scaling_factor"], made_by["shift_factor"]
+    ) or [info["config"].get(k) for k in per_channel] != [made_by["config"].get(k) for k in per_channel]:
+        raise ValueError(
+            f"{codec_path or made_by['path']} is not the codec these latents were made with "
+            f"(weights {made_by['weights_sha256'][:12]}, "
+            f"scaling_factor {made_by['scaling_factor']}); "
+            "pass that codec with --codec"
+        )
+    return codec
+
+
+def decompress(
+    latents_dir, output, codec_path=None, device=None, dtype="fp32", batch_size=8,
+    tile_size=None, tile_overlap=None, tile_method=None,
+) -> int:
+    """Decode every shard row to ``output/<key>.png`` (the suffix replaced); returns the count."""
+    from safetensors import safe_open
+
+    out_dir, src = Path(output), Path(latents_dir)
+    manifest = sh.load_manifest(src)
+    codec = codec_of_latents(manifest, codec_path, device=device, dtype=dtype, batch_size=batch_size)
+    codec.tile_size, codec.tile_overlap = tile_size, tile_overlap
+    codec.tile_method = codec.tile_method if tile_method is None else check_method(tile_method)
+    used, count = set(), 0
+    for shard in manifest["shards"]:
+        with safe_open(str(src / shard["file"]), "pt") as f:
+            latents = f.get_tensor("latents" if "latents" in shard["tensors"] else "mean")
+        images = codec.decode(latents.float())
+        for key, image in zip(shard["keys"], images):
+            name = Path(key).with_suffix(".png").as_posix()
+            if name in used:  # "a.jpg" and "a.png" both exist: keep both
+                name = key + ".png"
+            used.add(name)
+            save_image(image, out_dir / name)
+            count += 1
+    return count
+
+

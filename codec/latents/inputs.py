@@ -1,0 +1,151 @@
+"""What a latents job reads: image files, file lists and webdataset ``.tar`` members, each an
+:class:`Input` with a unique key, decoded and fitted to size in DataLoader workers.
+
+Sizes: ``resolution R`` resizes the short side to R (bicubic, antialiased) and centre-crops
+R x R (smaller images are upscaled). Without it images keep their size, centre-cropped down to
+multiples of 8 (at most 7 pixels per side; images under 8 x 8 are refused).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from codec.codec import DOWNSAMPLE
+from codec.images import IMAGE_EXTENSIONS, ImageLoadError, list_images, load_image
+
+COMPRESSED_TARS = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
+
+
+# ------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class Input:
+    """One input image: a file, or a member of an uncompressed tar (``offset``/``size`` >= 0)."""
+
+    key: str
+    path: str
+    offset: int = -1
+    size: int = -1
+
+
+def list_inputs(source: str | os.PathLike) -> list[Input]:
+    """Every input image under ``source``, sorted by key; keys are unique.
+
+    ``source`` is a folder (images found recursively, keyed by relative path, plus every
+    ``.tar`` in it, whose images are keyed ``relative/shard.tar/member``), a single ``.tar``
+    (keyed by member name), a file list (.txt) or one image.
+    """
+    source = Path(source)
+    if source.is_file() and source.name.endswith(".tar"):
+        return _sorted_unique(_tar_members(source, prefix=""))
+    if source.is_dir():
+        items = [Input(p.relative_to(source).as_posix(), str(p)) for p in list_images(source)]
+        for archive in sorted(source.rglob("*")):
+            name = archive.name.lower()
+            if name.endswith(COMPRESSED_TARS):
+                raise ValueError(
+                    f"{archive}: compressed tar archives cannot be read by random access; "
+                    "decompress it (e.g. `gunzip`) to a plain .tar, or extract it"
+                )
+            if name.endswith(".tar") and archive.is_file():
+                items += _tar_members(archive, prefix=archive.relative_to(source).as_posix() + "/")
+        return _sorted_unique(items)
+    files = list_images(source)  # a file list or one image; raises FileNotFoundError otherwise
+    base = source.parent
+    return _sorted_unique(
+        Input(p.relative_to(base).as_posix() if p.is_relative_to(base) else str(p), str(p))
+        for p in files
+    )
+
+
+def _tar_members(path: Path, prefix: str) -> list[Input]:
+    """Image members of an uncompressed tar with their byte ranges (webdataset layout)."""
+    items = []
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for m in tf:
+                if m.isfile() and Path(m.name).suffix.lower() in IMAGE_EXTENSIONS:
+                    items.append(Input(prefix + m.name, str(path), m.offset_data, m.size))
+    except tarfile.TarError as exc:
+        raise ValueError(f"{path}: cannot list this tar ({exc}); repair or remove it") from exc
+    return items
+
+
+def _sorted_unique(items) -> list[Input]:
+    items = sorted(items, key=lambda it: it.key)
+    for a, b in zip(items, items[1:]):
+        if a.key == b.key:
+            raise ValueError(f"two inputs share the key {a.key!r} ({a.path}, {b.path}); rename one")
+    return items
+
+
+def read_input(item: Input) -> Image.Image:
+    if item.offset < 0:
+        return load_image(item.path)
+    try:
+        with open(item.path, "rb") as fh:
+            fh.seek(item.offset)
+            data = fh.read(item.size)
+    except OSError as exc:
+        raise ImageLoadError(f"{item.key}: cannot read {item.path} ({exc})") from exc
+    if len(data) != item.size:
+        raise ImageLoadError(f"{item.key}: tar member cut short ({len(data)} of {item.size} bytes)")
+    return load_image(io.BytesIO(data), name=item.key)
+
+
+def fit(img: Image.Image, resolution: int | None) -> tuple[torch.Tensor, list[int], list[int]]:
+    """RGB image -> ((3, h, w) uint8 tensor, original [h, w], crop top-left [top, left]).
+
+    The crop's corner is in the resized image (what SDXL-style size conditioning wants).
+    """
+    w, h = img.size
+    if resolution:
+        scale = resolution / min(w, h)
+        nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+        th = tw = resolution
+    else:
+        if w < DOWNSAMPLE or h < DOWNSAMPLE:
+            raise ImageLoadError(
+                f"{w}x{h} is smaller than {DOWNSAMPLE}x{DOWNSAMPLE} pixels; "
+                "pass --resolution to upscale it"
+            )
+        nw, nh, th, tw = w, h, h - h % DOWNSAMPLE, w - w % DOWNSAMPLE
+    top, left = (nh - th) // 2, (nw - tw) // 2
+    arr = np.asarray(img.crop((left, top, left + tw, top + th)), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1), [h, w], [top, left]
+
+
+class ImageInputs(Dataset):
+    """Decoded, fitted images of ``inputs[indices]``; a bad file gives an item with ``error``."""
+
+    def __init__(self, inputs: list[Input], indices: list[int], resolution: int | None):
+        self.inputs, self.indices, self.resolution = inputs, indices, resolution
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        index = self.indices[i]
+        item = {"index": index, "image": None, "error": None}
+        try:
+            image, size, crop = fit(read_input(self.inputs[index]), self.resolution)
+        except ImageLoadError as exc:
+            item["error"] = str(exc)
+            return item
+        item.update(image=image, original_size=size, crop_top_left=crop)
+        return item
+
+
+def as_list(batch: list) -> list:
+    """collate_fn: keep items apart (sizes differ; the encoder groups them by shape)."""
+    return batch

@@ -1,0 +1,96 @@
+"""What the model kind decides, chosen once per run (``recipe_for(cfg)``) so the loop has no
+``if mlp`` branches: the network, its data, its loss, and what a logged reconstruction shows.
+
+* :class:`KLF8Recipe`: the convolutional kl-f8 ``AutoencoderKL`` on random crops, trained with
+  reconstruction + LPIPS + KL (+ PatchGAN, whose step the loop adds when enabled);
+* :class:`train.mlp_recipe.MLPRecipe`: the vanilla VAE baseline and its ELBO.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL
+from torch import nn
+
+from codec.evaluation.lpips_weights import load_lpips
+from codec.models import build_autoencoder, load_autoencoder
+from train.config import TrainConfig
+from train.data import CropDataset, collate, gather_files
+
+
+class Autoencoder(nn.Module):
+    """Wraps ``AutoencoderKL`` so one forward call (through DDP) returns the posterior too."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor):
+        posterior = self.vae.encode(x).latent_dist  # (B, 2*4, H/8, W/8) -> mean, logvar
+        recon = self.vae.decode(posterior.sample()).sample  # sampled z, as in the LDM recipe
+        return recon, posterior
+
+
+class KLF8Recipe:
+    measures_factors = True  # the export measures scaling_factor on training crops
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    def describe(self) -> str:
+        return self.cfg.model.init_from or self.cfg.model.preset
+
+    def build_vae(self) -> AutoencoderKL:
+        m = self.cfg.model
+        return load_autoencoder(m.init_from) if m.init_from else build_autoencoder(m.preset)
+
+    def wrap(self, vae: AutoencoderKL) -> nn.Module:
+        return Autoencoder(vae)
+
+    def perceptual_net(self) -> nn.Module | None:
+        loss = self.cfg.loss
+        return load_lpips(loss.perceptual_net) if loss.perceptual_weight > 0 else None
+
+    def dataset(self):
+        d = self.cfg.data
+        return CropDataset(gather_files(d.train), d.crop_size, d.small_images, d.random_flip, self.cfg.seed), collate
+
+    def inputs(self, batch: dict, device: torch.device) -> torch.Tensor:
+        x = batch["pixels"].to(device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+    def loss(self, run, x: torch.Tensor, batch: dict):
+        """(reconstruction, loss, logs) of the generator phase, under autocast."""
+        recon, posterior = run.model(x)
+        # The discriminator judges x̂ here with its own weights frozen: its plain module is used
+        # because no discriminator gradient may be produced now.
+        with frozen(run.raw_disc):
+            loss, logs = run.gen_loss(x, recon, posterior, run.state.step, run.raw_disc, run.last_layer)
+        return recon, loss, logs
+
+    def shown(self, raw_vae, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Reconstructions as images for the logged grid."""
+        return recon[:4]
+
+
+def recipe_for(cfg: TrainConfig):
+    if cfg.model.kind == "mlp-vae":
+        from train.mlp_recipe import MLPRecipe
+
+        return MLPRecipe(cfg)
+    return KLF8Recipe(cfg)
+
+
+class frozen:
+    """Temporarily set ``requires_grad=False`` on a module's parameters (None is a no-op)."""
+
+    def __init__(self, module: nn.Module | None):
+        self.module = module
+
+    def __enter__(self):
+        if self.module is not None:
+            self.module.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        if self.module is not None:
+            self.module.requires_grad_(True)
