@@ -147,8 +147,9 @@ def build_run(cfg: TrainConfig, accelerator: Accelerator, resume_from: Path | No
     trainable = [p for p in vae.parameters() if p.requires_grad]
     opt_g = torch.optim.AdamW(trainable + ([gen_loss.logvar] if cfg.loss.learn_logvar else []),
                               lr=base_lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
-    opt_d = (torch.optim.AdamW(disc.parameters(), lr=base_disc_lr, betas=tuple(cfg.optim.betas))
-             if disc is not None else None)
+    # weight_decay given explicitly: AdamW's own default (0.01) is not the recipe's.
+    opt_d = (torch.optim.AdamW(disc.parameters(), lr=base_disc_lr, betas=tuple(cfg.optim.betas),
+                               weight_decay=cfg.optim.weight_decay) if disc is not None else None)
     dataset, collate_fn = recipe.dataset()
 
     if disc is not None:
@@ -201,16 +202,14 @@ def optimiser_step(run: Run, logs: dict, nonfinite: bool, disc_on: bool) -> None
     if not run.guard.update(not nonfinite, run.state.step, logs, latest and str(latest)):
         if cfg.loss.learn_logvar and acc.num_processes > 1:
             run.gen_loss.logvar.grad = acc.reduce(run.gen_loss.logvar.grad, "mean")
-        logged = (run.state.step + 1) % cfg.log_every == 0 or run.state.step == 0  # see log_step
-        if cfg.optim.max_grad_norm > 0 or logged:
-            logs["grad_norm"] = clip_gradients(acc, run.trainable, cfg.optim.max_grad_norm)
-        set_lr(run.opt_g, learning_rate(cfg, run.state.step, run.base_lr))
-        run.opt_g.step()
+        step = run.state.step
+        groups = [(run.opt_g, run.trainable, learning_rate(cfg, step, run.base_lr))]
         if disc_on:
-            if cfg.optim.max_grad_norm > 0:
-                clip_gradients(acc, list(run.disc.parameters()), cfg.optim.max_grad_norm)
-            set_lr(run.opt_d, learning_rate(cfg, run.state.step, run.base_disc_lr))
-            run.opt_d.step()
+            groups.append((run.opt_d, list(run.disc.parameters()), learning_rate(cfg, step, run.base_disc_lr)))
+        logged = (step + 1) % cfg.log_every == 0 or step == 0  # see log_step
+        norm = step_optimisers(acc, groups, cfg.optim.max_grad_norm, measure=logged)
+        if norm is not None:
+            logs["grad_norm"] = norm
         if run.ema is not None:
             run.ema.step(run.raw_vae.parameters())
     elif run.is_main:
@@ -455,15 +454,35 @@ def _truncate_log(path: Path, step: int) -> None:
         path.write_text("".join(kept))
 
 
-def clip_gradients(accelerator: Accelerator, params: list, max_norm: float) -> float:
-    """Clip when ``max_norm`` > 0; returns the gradient norm before clipping (for the logs)."""
+def step_optimisers(accelerator: Accelerator, groups: list, max_norm: float, measure: bool = False) -> float | None:
+    """Step each ``(optimizer, parameters, lr)`` of ``groups`` in order, each group's gradients
+    clipped to ``max_norm`` first (when > 0). Returns the first group's gradient norm before
+    clipping when clipping or ``measure``, else None.
+
+    Under fp16, each optimiser's gradients are unscaled right before its own clip and step.
+    accelerate's ``clip_grad_norm_`` unscales *every* optimiser, and each optimiser's step then
+    updates the shared loss scaler, which forgets that the others were unscaled: clipping the
+    generator that way and stepping it left the discriminator's gradients to be divided by the
+    loss scale a second time. (The scaler's update between the two steps can still change the
+    scale the discriminator is unscaled with, on the rare steps where it grows or backs off.)
+    """
+    norm = None
+    for i, (optimizer, params, lr) in enumerate(groups):
+        if max_norm > 0 or (measure and i == 0):
+            accelerator.unscale_gradients(optimizer=optimizer)  # a no-op without fp16 loss scaling
+            group_norm = clip_gradients(params, max_norm)
+            norm = group_norm if i == 0 else norm
+        set_lr(optimizer, lr)
+        optimizer.step()
+    return norm
+
+
+def clip_gradients(params: list, max_norm: float) -> float:
+    """Clip (unscaled) gradients to ``max_norm`` when > 0; returns their norm before clipping."""
+    params = [p for p in params if p.grad is not None]
     if max_norm > 0:
-        return float(accelerator.clip_grad_norm_(params, max_norm))
-    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return float(torch.stack(grads).norm()) if grads else 0.0
-
-
-_clip = clip_gradients  # the name tests and older scripts use
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.stack([p.grad.detach().float().norm() for p in params]).norm()) if params else 0.0
 
 
 def set_lr(optimizer, lr: float) -> None:

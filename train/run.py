@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from diffusers.training_utils import EMAModel
 
 from train import checkpoints as ckpt
 from train.config import save_config, to_dict
@@ -37,7 +38,8 @@ def resolve_mixed_precision(choice: str) -> str:
     if choice != "auto":
         return choice
     if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # Native bf16 only (Ampere and later): older GPUs would emulate it, far slower than fp16.
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
 
 
@@ -83,9 +85,18 @@ def resume(accelerator: Accelerator, checkpoint: Path | None, own_state: dict, s
         return
     ckpt.load_accelerate_state(accelerator, checkpoint)
     ckpt.load_objects(checkpoint, own_state)
+    place_on(own_state, accelerator.device)
     accelerator.step = 0  # checkpoints are written at optimiser-step boundaries only
     if accelerator.is_main_process:
         print(f"resumed from {checkpoint} at step {state.step}")
+
+
+def place_on(own_state: dict, device: torch.device) -> None:
+    """Move restored state to the training device: checkpoints load onto the CPU, and an EMA whose
+    shadow stayed there would mix CPU and GPU tensors at its first step after a resume."""
+    for obj in own_state.values():
+        if isinstance(obj, EMAModel):
+            obj.to(device=device)
 
 
 def open_output(accelerator: Accelerator, cfg) -> None:
