@@ -49,9 +49,15 @@ class MLPConfig:
 
 @dataclass
 class DataConfig:
-    train: list[str] = field(default_factory=list)  # image folders (recursive) or file lists
+    # Image folders (recursive, with any webdataset .tar shards inside), .tar shards, brace
+    # patterns of shards ("shards/train-{000000..000099}.tar") or file lists.
+    train: list[str] = field(default_factory=list)
     val: list[str] = field(default_factory=list)  # held-out images for validation
     crop_size: int = 128  # random square crops, a multiple of 8
+    # "native": crop_size pixels at the image's own resolution; "resized": LDM-style, a random
+    # crop_min_fraction..1 share of the short side, resized to crop_size (the whole image's content).
+    crop_mode: str = "native"
+    crop_min_fraction: float = 0.5
     small_images: str = "upscale"  # images smaller than the crop: "upscale" or "skip"
     random_flip: bool = True
     num_workers: int = 2
@@ -213,6 +219,7 @@ def validate(cfg: TrainConfig) -> None:
         "loss.reconstruction": (cfg.loss.reconstruction, ("l1", "l2")),
         "loss.perceptual_net": (cfg.loss.perceptual_net, ("alex", "vgg")),
         "data.small_images": (cfg.data.small_images, ("skip", "upscale")),
+        "data.crop_mode": (cfg.data.crop_mode, ("native", "resized")),
         "optim.schedule": (cfg.optim.schedule, ("constant", "cosine")),
         "mixed_precision": (cfg.mixed_precision, ("auto", "bf16", "fp16", "no")),
         "model.kind": (cfg.model.kind, ("kl-f8", "mlp-vae")),
@@ -222,6 +229,8 @@ def validate(cfg: TrainConfig) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ValueError(f"{key}: unknown {value!r}; choose from {list(allowed)}")
+    if not 0 < cfg.data.crop_min_fraction <= 1:
+        raise ValueError(f"data.crop_min_fraction must be in (0, 1], got {cfg.data.crop_min_fraction}")
     if cfg.data.crop_size % 8 or cfg.data.crop_size < 8:
         raise ValueError(f"data.crop_size must be a positive multiple of 8, got {cfg.data.crop_size}")
     if cfg.data.val_crop % 8:

@@ -1,4 +1,11 @@
-"""Training data: image folders / file lists, random square crops and flips, bad-file handling.
+"""Training data: image folders, webdataset tar shards and file lists; random square crops and
+flips; bad-file handling.
+
+Sources (``data.train``) are listed by :func:`codec.latents.inputs.list_inputs`, the same
+listing ``vae-codec compress`` uses: tar members are indexed by byte range once, then read at
+random, so a sharded dataset is sampled, split across processes and resumed exactly like a
+folder (every image once per epoch, whichever process or worker reads it). Brace patterns
+(``train-{000000..000099}.tar``) expand with ``braceexpand``, as in webdataset.
 
 Reproducibility: the crop and flip of an item depend only on ``(seed, epoch, index)`` and the
 order of items only on ``(seed, epoch)``. A resumed run therefore sees exactly the batches the
@@ -20,6 +27,27 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from codec.images import ImageLoadError, center_crop_multiple, list_images, load_image, pil_to_tensor
+from codec.latents.inputs import Input, list_inputs, read_input
+
+
+def gather_inputs(sources: list[str | os.PathLike]) -> list[Input]:
+    """Every training image of several sources (folders with any .tar shards inside, .tar
+    shards, brace patterns of shards, file lists); a clear error for a source with none."""
+    from braceexpand import braceexpand
+
+    items: list[Input] = []
+    for pattern in sources:
+        paths = list(braceexpand(str(pattern)))
+        missing = [p for p in paths if not Path(p).exists()]
+        if missing:
+            more = f" (and {len(missing) - 1} more of the {len(paths)} it names)" if len(missing) > 1 else ""
+            raise FileNotFoundError(f"data source {missing[0]} does not exist{more}")
+        for path in paths:
+            found = list_inputs(path)
+            if not found:
+                raise ValueError(f"no images (jpg, jpeg, png, webp, bmp, tif) found in {path}")
+            items += found
+    return items
 
 
 def gather_files(sources: list[str | os.PathLike]) -> list[Path]:
@@ -36,21 +64,26 @@ def gather_files(sources: list[str | os.PathLike]) -> list[Path]:
 
 
 class CropDataset(Dataset):
-    """Random ``crop_size`` crops of image files; indexed by ``(index, epoch)`` pairs."""
+    """Random ``crop_size`` crops of images (files or tar members: :class:`Input`, or paths);
+    indexed by ``(index, epoch)`` pairs. ``crop_mode="resized"`` takes a random share of
+    ``min_fraction``..1 of the short side and resizes it to ``crop_size`` (LDM's crops)."""
 
     MAX_REPLACEMENTS = 64
 
     def __init__(
         self,
-        files: list[Path],
+        files: list[Input | Path],
         crop_size: int,
         small_images: str = "upscale",
         random_flip: bool = True,
         seed: int = 0,
+        crop_mode: str = "native",
+        min_fraction: float = 0.5,
     ):
         if not files:
             raise ValueError("the training set is empty")
-        self.files, self.crop_size = list(files), crop_size
+        self.files = [f if isinstance(f, Input) else Input(str(f), str(f)) for f in files]
+        self.crop_size, self.crop_mode, self.min_fraction = crop_size, crop_mode, min_fraction
         self.small_images, self.random_flip, self.seed = small_images, random_flip, seed
 
     def __len__(self) -> int:
@@ -62,18 +95,23 @@ class CropDataset(Dataset):
         for attempt in range(self.MAX_REPLACEMENTS):
             i = (index + attempt) % len(self.files)
             try:
-                image = self._crop(load_image(self.files[i]), np.random.default_rng((self.seed, epoch, i)))
-                return {"pixels": image, "path": str(self.files[i]), "skipped": skipped}
+                image = self._crop(read_input(self.files[i]), np.random.default_rng((self.seed, epoch, i)))
+                return {"pixels": image, "path": self.files[i].key, "skipped": skipped}
             except (ImageLoadError, _TooSmall) as exc:
                 skipped.append(f"{exc}")
         raise RuntimeError(
-            f"{self.MAX_REPLACEMENTS} consecutive unusable images starting at {self.files[index]}; "
+            f"{self.MAX_REPLACEMENTS} consecutive unusable images starting at {self.files[index].key}; "
             f"last reasons: {skipped[-3:]}"
         )
 
     def _crop(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
         size = self.crop_size
         w, h = img.size
+        if self.crop_mode == "resized":  # a random share of the short side, resized to the crop
+            side = max(1, round(min(w, h) * rng.uniform(self.min_fraction, 1.0)))
+            left, top = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+            img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+            w, h = img.size
         if min(w, h) < size:
             if self.small_images == "skip":
                 raise _TooSmall(f"{getattr(img, 'filename', '')} {w}x{h} is smaller than crop {size}")

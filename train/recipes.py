@@ -15,7 +15,7 @@ from torch import nn
 from codec.evaluation.lpips_weights import load_lpips
 from codec.models import build_autoencoder, load_autoencoder
 from train.config import TrainConfig
-from train.data import CropDataset, collate, gather_files
+from train.data import CropDataset, collate, gather_inputs
 
 
 class Autoencoder(nn.Module):
@@ -53,7 +53,9 @@ class KLF8Recipe:
 
     def dataset(self):
         d = self.cfg.data
-        return CropDataset(gather_files(d.train), d.crop_size, d.small_images, d.random_flip, self.cfg.seed), collate
+        dataset = CropDataset(gather_inputs(d.train), d.crop_size, d.small_images, d.random_flip, self.cfg.seed,
+                              d.crop_mode, d.crop_min_fraction)
+        return dataset, collate
 
     def inputs(self, batch: dict, device: torch.device) -> torch.Tensor:
         x = batch["pixels"].to(device, non_blocking=True)

@@ -44,6 +44,8 @@ def list_inputs(source: str | os.PathLike) -> list[Input]:
     (keyed by member name), a file list (.txt) or one image.
     """
     source = Path(source)
+    if source.is_file() and source.name.lower().endswith(COMPRESSED_TARS):
+        _refuse_compressed(source)
     if source.is_file() and source.name.endswith(".tar"):
         return _sorted_unique(_tar_members(source, prefix=""))
     if source.is_dir():
@@ -51,10 +53,7 @@ def list_inputs(source: str | os.PathLike) -> list[Input]:
         for archive in sorted(source.rglob("*")):
             name = archive.name.lower()
             if name.endswith(COMPRESSED_TARS):
-                raise ValueError(
-                    f"{archive}: compressed tar archives cannot be read by random access; "
-                    "decompress it (e.g. `gunzip`) to a plain .tar, or extract it"
-                )
+                _refuse_compressed(archive)
             if name.endswith(".tar") and archive.is_file():
                 items += _tar_members(archive, prefix=archive.relative_to(source).as_posix() + "/")
         return _sorted_unique(items)
@@ -63,6 +62,13 @@ def list_inputs(source: str | os.PathLike) -> list[Input]:
     return _sorted_unique(
         Input(p.relative_to(base).as_posix() if p.is_relative_to(base) else str(p), str(p))
         for p in files
+    )
+
+
+def _refuse_compressed(archive: Path):
+    raise ValueError(
+        f"{archive}: compressed tar archives cannot be read by random access; "
+        "decompress it (e.g. `gunzip`) to a plain .tar, or extract it"
     )
 
 
