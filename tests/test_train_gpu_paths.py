@@ -2,6 +2,8 @@
 for fp16 loss scaling, the "meta" device for a device other than the checkpoint's, a faked CUDA
 capability for ``mixed_precision: auto``."""
 
+import json
+
 import pytest
 import torch
 from accelerate import Accelerator
@@ -95,3 +97,15 @@ def test_the_discriminator_optimiser_uses_the_configured_weight_decay(tmp_path):
         AcceleratorState._reset_state(reset_partial_state=True)
     assert [g["weight_decay"] for g in run.opt_d.param_groups] == [0.003]  # not AdamW's default 0.01
     assert [g["weight_decay"] for g in run.opt_g.param_groups] == [0.003]
+
+
+def test_the_gpu_figures_script_runs_anywhere(capsys):
+    """scripts/gpu_check.py is meant for a GPU; its --device cpu smoke run keeps it working."""
+    from scripts.gpu_check import main
+
+    assert main(["--device", "cpu", "--preset", "test", "--size", "32", "--batch", "2", "--steps", "2",
+                 "--warmup", "1", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{\n") : out.index("\n\n|")])  # after the training runs' own lines
+    assert result["train_images_per_s"] > 0 and result["encode"]["images_per_s"] > 0
+    assert result["decode"]["images_per_s"] > 0 and "| cpu | test | 32² | no |" in out
