@@ -171,3 +171,59 @@ def test_resized_crops_take_a_share_of_the_short_side(tmp_path):
     def detail(x):
         return (x[:, 1:] - x[:, :-1]).abs().mean()
     assert max(detail(c) for c in crops) > detail(native[(0, 0)]["pixels"])
+
+
+# ------------------------------------------------------------------------- Hugging Face datasets
+def hf_dataset(photos, corrupt: str | None = None):
+    datasets = pytest.importorskip("datasets")
+    rows = {"image": [{"bytes": b"garbage" if n == corrupt else b, "path": None} for n, b in sorted(photos.items())],
+            "label": list(range(len(photos)))}
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+def test_a_saved_hugging_face_dataset_gives_the_crops_of_the_same_images(tmp_path, photos):
+    from train.data import gather_images
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name, data in photos.items():
+        (folder / name).write_bytes(data)
+    hf_dataset(photos).save_to_disk(str(tmp_path / "hf"))
+    for source in (tmp_path / "hf", f"hf:{tmp_path / 'hf'}"):
+        a = CropDataset(gather_files([folder]), crop_size=32, seed=5)
+        b = CropDataset(gather_images([source]), crop_size=32, seed=5)
+        assert len(b) == len(photos)
+        for i in range(len(photos)):
+            assert torch.equal(a[(i, 1)]["pixels"], b[(i, 1)]["pixels"])
+    both = CropDataset(gather_images([folder, tmp_path / "hf"]), crop_size=32)  # sources concatenate
+    assert len(both) == 2 * len(photos) and both[(len(photos), 0)]["path"] == f"{tmp_path / 'hf'}[0]"
+
+
+def test_hugging_face_bad_rows_splits_and_columns(tmp_path, photos):
+    datasets = pytest.importorskip("datasets")
+    from train.data import gather_images
+
+    hf_dataset(photos, corrupt="002.png").save_to_disk(str(tmp_path / "hf"))
+    ds = CropDataset(gather_images([tmp_path / "hf"]), crop_size=32)
+    batch = collate([ds[(i, 0)] for i in range(len(ds))])
+    assert batch["pixels"].shape[0] == len(photos) and [s.split(":")[0] for s in batch["skipped"]] == [
+        f"{tmp_path / 'hf'}[2]"]
+    with pytest.raises(ValueError, match=r"no column 'pixels' \(columns: \['image', 'label'\]\)"):
+        gather_images([tmp_path / "hf"], image_column="pixels")
+    datasets.DatasetDict({"validation": hf_dataset(photos)}).save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(ValueError, match=r"no split 'train' \(it has \['validation'\]\)"):
+        gather_images([tmp_path / "dict"])
+    assert len(gather_images([tmp_path / "dict"], split="validation")) == len(photos)
+
+
+def test_training_reads_a_hugging_face_dataset(tmp_path, photos):
+    from train.__main__ import main as train_main
+
+    hf_dataset(photos).save_to_disk(str(tmp_path / "hf"))
+    out = tmp_path / "run"
+    assert train_main(["--set", "model.preset=test", "--set", f"output_dir={out}", "--set", f"data.train={tmp_path}/hf",
+                       "--set", "data.crop_size=32", "--set", "batch_size=3", "--set", "max_steps=2", "--set",
+                       "loss.perceptual_weight=0", "--set", "data.num_workers=1", "--set", "scale_samples=3",
+                       "--set", "mixed_precision=no"]) == 0
+    assert (out / "codec" / "config.json").exists()

@@ -50,8 +50,11 @@ class MLPConfig:
 @dataclass
 class DataConfig:
     # Image folders (recursive, with any webdataset .tar shards inside), .tar shards, brace
-    # patterns of shards ("shards/train-{000000..000099}.tar") or file lists.
+    # patterns of shards ("shards/train-{000000..000099}.tar"), file lists, or Hugging Face
+    # datasets ("hf:NAME" on the Hub, or a save_to_disk folder).
     train: list[str] = field(default_factory=list)
+    image_column: str = "image"  # Hugging Face datasets: the column holding the images
+    hf_split: str = "train"  # Hugging Face datasets: the split trained on
     val: list[str] = field(default_factory=list)  # held-out images for validation
     crop_size: int = 128  # random square crops, a multiple of 8
     # "native": crop_size pixels at the image's own resolution; "resized": LDM-style, a random

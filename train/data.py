@@ -5,7 +5,9 @@ Sources (``data.train``) are listed by :func:`codec.latents.inputs.list_inputs`,
 listing ``vae-codec compress`` uses: tar members are indexed by byte range once, then read at
 random, so a sharded dataset is sampled, split across processes and resumed exactly like a
 folder (every image once per epoch, whichever process or worker reads it). Brace patterns
-(``train-{000000..000099}.tar``) expand with ``braceexpand``, as in webdataset.
+(``train-{000000..000099}.tar``) expand with ``braceexpand``, as in webdataset. Hugging Face
+``datasets`` (``hf:NAME`` on the Hub, or a ``save_to_disk`` folder) are read by index too, from
+their ``image_column``, with the images decoded by our loader (same conversions and errors).
 
 Reproducibility: the crop and flip of an item depend only on ``(seed, epoch, index)`` and the
 order of items only on ``(seed, epoch)``. A resumed run therefore sees exactly the batches the
@@ -28,6 +30,119 @@ from torch.utils.data import Dataset, Sampler
 
 from codec.images import ImageLoadError, center_crop_multiple, list_images, load_image, pil_to_tensor
 from codec.latents.inputs import Input, list_inputs, read_input
+
+
+class FileImages:
+    """Images that are files or tar members (:class:`Input`), opened by :func:`read_input`."""
+
+    def __init__(self, inputs: list[Input]):
+        self.inputs = inputs
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def key(self, i: int) -> str:
+        return self.inputs[i].key
+
+    def open(self, i: int) -> Image.Image:
+        return read_input(self.inputs[i])
+
+
+class HFImages:
+    """The ``column`` of a Hugging Face dataset (map-style: random access, exact resume)."""
+
+    def __init__(self, name: str, column: str = "image", split: str = "train"):
+        try:
+            import datasets
+        except ImportError as exc:
+            raise ImportError(f"{name}: reading Hugging Face datasets needs `pip install vae-codec[hf]` "
+                              "(the datasets library)") from exc
+
+        local = Path(name)
+        if local.is_dir():
+            data = datasets.load_from_disk(str(local))
+            if isinstance(data, datasets.DatasetDict):
+                if split not in data:
+                    raise ValueError(f"{name}: no split {split!r} (it has {sorted(data)}); set data.hf_split")
+                data = data[split]
+        else:
+            data = datasets.load_dataset(name, split=split)
+        if column not in data.column_names:
+            raise ValueError(f"{name}: no column {column!r} (columns: {data.column_names}); set data.image_column")
+        if isinstance(data.features[column], datasets.Image):
+            data = data.cast_column(column, datasets.Image(decode=False))  # bytes: decoded by load_image
+        self.data, self.column, self.name = data, column, name
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def key(self, i: int) -> str:
+        return f"{self.name}[{i}]"
+
+    def open(self, i: int) -> Image.Image:
+        import io
+
+        value = self.data[i][self.column]
+        if isinstance(value, dict) and value.get("bytes") is not None:
+            return load_image(io.BytesIO(value["bytes"]), name=self.key(i))
+        if isinstance(value, dict) and value.get("path"):
+            return load_image(value["path"])
+        if isinstance(value, Image.Image):
+            return load_image(_png_bytes(value), name=self.key(i))
+        raise ImageLoadError(f"{self.key(i)}: column {self.column!r} holds {type(value).__name__}, not an image")
+
+
+class ConcatImages:
+    """Several image sources, indexed one after the other."""
+
+    def __init__(self, parts: list):
+        self.parts = [p for p in parts if len(p)]
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _locate(self, i: int):
+        part = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.parts[part], i - int(self.starts[part])
+
+    def key(self, i: int) -> str:
+        part, j = self._locate(i)
+        return part.key(j)
+
+    def open(self, i: int) -> Image.Image:
+        part, j = self._locate(i)
+        return part.open(j)
+
+
+def _png_bytes(img: Image.Image):
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    buf.seek(0)
+    return buf
+
+
+def is_hf_dataset(source: str | os.PathLike) -> bool:
+    """``hf:NAME`` or a folder written by ``datasets``' ``save_to_disk``."""
+    path = Path(source)
+    return str(source).startswith("hf:") or (path.is_dir() and any(
+        (path / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json")))
+
+
+def gather_images(sources: list[str | os.PathLike], image_column: str = "image", split: str = "train"):
+    """The training images of ``data.train``: files, tar shards and Hugging Face datasets."""
+    parts = []
+    files = []
+    for source in sources:
+        if is_hf_dataset(source):
+            parts.append(HFImages(str(source).removeprefix("hf:"), image_column, split))
+        else:
+            files += gather_inputs([source])
+    if files:
+        parts.insert(0, FileImages(files))
+    return parts[0] if len(parts) == 1 else ConcatImages(parts)
 
 
 def gather_inputs(sources: list[str | os.PathLike]) -> list[Input]:
@@ -72,7 +187,7 @@ class CropDataset(Dataset):
 
     def __init__(
         self,
-        files: list[Input | Path],
+        files,
         crop_size: int,
         small_images: str = "upscale",
         random_flip: bool = True,
@@ -82,7 +197,9 @@ class CropDataset(Dataset):
     ):
         if not files:
             raise ValueError("the training set is empty")
-        self.files = [f if isinstance(f, Input) else Input(str(f), str(f)) for f in files]
+        # files: an image source (FileImages, HFImages, ...) or a list of paths / Inputs
+        self.files = files if hasattr(files, "open") else FileImages(
+            [f if isinstance(f, Input) else Input(str(f), str(f)) for f in files])
         self.crop_size, self.crop_mode, self.min_fraction = crop_size, crop_mode, min_fraction
         self.small_images, self.random_flip, self.seed = small_images, random_flip, seed
 
@@ -95,12 +212,12 @@ class CropDataset(Dataset):
         for attempt in range(self.MAX_REPLACEMENTS):
             i = (index + attempt) % len(self.files)
             try:
-                image = self._crop(read_input(self.files[i]), np.random.default_rng((self.seed, epoch, i)))
-                return {"pixels": image, "path": self.files[i].key, "skipped": skipped}
+                image = self._crop(self.files.open(i), np.random.default_rng((self.seed, epoch, i)))
+                return {"pixels": image, "path": self.files.key(i), "skipped": skipped}
             except (ImageLoadError, _TooSmall) as exc:
                 skipped.append(f"{exc}")
         raise RuntimeError(
-            f"{self.MAX_REPLACEMENTS} consecutive unusable images starting at {self.files[index].key}; "
+            f"{self.MAX_REPLACEMENTS} consecutive unusable images starting at {self.files.key(index)}; "
             f"last reasons: {skipped[-3:]}"
         )
 

@@ -24,7 +24,7 @@ from codec.baseline.arrays import is_array_source, load_split, to_tensor
 from codec.baseline.elbo import kl_weight, targets, terms_from, training_loss
 from codec.baseline.mlp_vae import MLPVAE
 from train.config import TrainConfig
-from train.data import CropDataset, gather_inputs
+from train.data import CropDataset, gather_images
 
 
 def build_mlp_vae(cfg: TrainConfig) -> MLPVAE:
@@ -74,8 +74,9 @@ def build_dataset(cfg: TrainConfig) -> Dataset:
         raise ValueError("mlp.conditional needs labelled data (.npz, idx folder or torchvision:NAME)")
     if cfg.mlp.binarize and cfg.mlp.likelihood == "bernoulli" and cfg.mlp.in_channels == 3:
         raise ValueError("mlp.binarize on colour photos is almost surely a mistake; set mlp.binarize=false")
-    return CropDataset(gather_inputs(sources), cfg.mlp.image_size, cfg.data.small_images,
-                       cfg.data.random_flip, cfg.seed, cfg.data.crop_mode, cfg.data.crop_min_fraction)
+    d = cfg.data
+    return CropDataset(gather_images(sources, d.image_column, d.hf_split), cfg.mlp.image_size, d.small_images,
+                       d.random_flip, cfg.seed, d.crop_mode, d.crop_min_fraction)
 
 
 def collate(items: list[dict]) -> dict:

@@ -15,7 +15,7 @@ from torch import nn
 from codec.evaluation.lpips_weights import load_lpips
 from codec.models import build_autoencoder, load_autoencoder
 from train.config import TrainConfig
-from train.data import CropDataset, collate, gather_inputs
+from train.data import CropDataset, collate, gather_images
 
 
 class Autoencoder(nn.Module):
@@ -53,8 +53,9 @@ class KLF8Recipe:
 
     def dataset(self):
         d = self.cfg.data
-        dataset = CropDataset(gather_inputs(d.train), d.crop_size, d.small_images, d.random_flip, self.cfg.seed,
-                              d.crop_mode, d.crop_min_fraction)
+        images = gather_images(d.train, d.image_column, d.hf_split)
+        dataset = CropDataset(images, d.crop_size, d.small_images, d.random_flip, self.cfg.seed, d.crop_mode,
+                              d.crop_min_fraction)
         return dataset, collate
 
     def inputs(self, batch: dict, device: torch.device) -> torch.Tensor:
