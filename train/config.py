@@ -55,6 +55,9 @@ class DataConfig:
     train: list[str] = field(default_factory=list)
     image_column: str = "image"  # Hugging Face datasets: the column holding the images
     hf_split: str = "train"  # Hugging Face datasets: the split trained on
+    # Stream Hugging Face datasets instead of indexing them (URLs and pipe: shards always stream;
+    # see train/streams.py for how streams are split and resumed).
+    streaming: bool = False
     val: list[str] = field(default_factory=list)  # held-out images for validation
     crop_size: int = 128  # random square crops, a multiple of 8
     # "native": crop_size pixels at the image's own resolution; "resized": LDM-style, a random
@@ -232,6 +235,14 @@ def validate(cfg: TrainConfig) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ValueError(f"{key}: unknown {value!r}; choose from {list(allowed)}")
+    if cfg.data.train:
+        from train.streams import is_stream  # late: a config error must not wait for torch
+
+        streamed = [src for src in cfg.data.train if is_stream(src, cfg.data.streaming)]
+        if streamed and len(streamed) != len(cfg.data.train):
+            raise ValueError(f"data.train mixes streamed sources {streamed} with indexed ones; use one kind")
+        if streamed and cfg.model.kind == "mlp-vae":
+            raise ValueError("model.kind mlp-vae trains on indexed data (folders, tars, arrays), not streams")
     if not 0 < cfg.data.crop_min_fraction <= 1:
         raise ValueError(f"data.crop_min_fraction must be in (0, 1], got {cfg.data.crop_min_fraction}")
     if cfg.data.crop_size % 8 or cfg.data.crop_size < 8:

@@ -178,50 +178,17 @@ def gather_files(sources: list[str | os.PathLike]) -> list[Path]:
     return files
 
 
-class CropDataset(Dataset):
-    """Random ``crop_size`` crops of images (files or tar members: :class:`Input`, or paths);
-    indexed by ``(index, epoch)`` pairs. ``crop_mode="resized"`` takes a random share of
-    ``min_fraction``..1 of the short side and resizes it to ``crop_size`` (LDM's crops)."""
+class Cropper:
+    """The crop rule: a random ``crop_size`` square (and flip), drawn from a given generator.
+    ``crop_mode="resized"`` first takes a random share of ``min_fraction``..1 of the short side
+    and resizes it to ``crop_size`` (LDM's crops); ``native`` crops at the image's resolution."""
 
-    MAX_REPLACEMENTS = 64
-
-    def __init__(
-        self,
-        files,
-        crop_size: int,
-        small_images: str = "upscale",
-        random_flip: bool = True,
-        seed: int = 0,
-        crop_mode: str = "native",
-        min_fraction: float = 0.5,
-    ):
-        if not files:
-            raise ValueError("the training set is empty")
-        # files: an image source (FileImages, HFImages, ...) or a list of paths / Inputs
-        self.files = files if hasattr(files, "open") else FileImages(
-            [f if isinstance(f, Input) else Input(str(f), str(f)) for f in files])
+    def __init__(self, crop_size: int, small_images: str = "upscale", random_flip: bool = True,
+                 crop_mode: str = "native", min_fraction: float = 0.5):
         self.crop_size, self.crop_mode, self.min_fraction = crop_size, crop_mode, min_fraction
-        self.small_images, self.random_flip, self.seed = small_images, random_flip, seed
+        self.small_images, self.random_flip = small_images, random_flip
 
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, key) -> dict:
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
-        skipped = []
-        for attempt in range(self.MAX_REPLACEMENTS):
-            i = (index + attempt) % len(self.files)
-            try:
-                image = self._crop(self.files.open(i), np.random.default_rng((self.seed, epoch, i)))
-                return {"pixels": image, "path": self.files.key(i), "skipped": skipped}
-            except (ImageLoadError, _TooSmall) as exc:
-                skipped.append(f"{exc}")
-        raise RuntimeError(
-            f"{self.MAX_REPLACEMENTS} consecutive unusable images starting at {self.files.key(index)}; "
-            f"last reasons: {skipped[-3:]}"
-        )
-
-    def _crop(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
         size = self.crop_size
         w, h = img.size
         if self.crop_mode == "resized":  # a random share of the short side, resized to the crop
@@ -231,7 +198,7 @@ class CropDataset(Dataset):
             w, h = img.size
         if min(w, h) < size:
             if self.small_images == "skip":
-                raise _TooSmall(f"{getattr(img, 'filename', '')} {w}x{h} is smaller than crop {size}")
+                raise TooSmall(f"{getattr(img, 'filename', '')} {w}x{h} is smaller than crop {size}")
             scale = size / min(w, h)  # upscale the short side to the crop size
             img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
             w, h = img.size
@@ -243,7 +210,51 @@ class CropDataset(Dataset):
         return pil_to_tensor(img)
 
 
-class _TooSmall(Exception):
+class CropDataset(Dataset):
+    """Random crops (:class:`Cropper`) of images (an image source, or files / tar members as
+    :class:`Input` or paths); indexed by ``(index, epoch)`` pairs."""
+
+    MAX_REPLACEMENTS = 64
+
+    def __init__(
+        self,
+        files,
+        crop_size: "int | Cropper",
+        small_images: str = "upscale",
+        random_flip: bool = True,
+        seed: int = 0,
+        crop_mode: str = "native",
+        min_fraction: float = 0.5,
+    ):
+        if not files:
+            raise ValueError("the training set is empty")
+        # files: an image source (FileImages, HFImages, ...) or a list of paths / Inputs
+        self.files = files if hasattr(files, "open") else FileImages(
+            [f if isinstance(f, Input) else Input(str(f), str(f)) for f in files])
+        self.crop = (crop_size if isinstance(crop_size, Cropper)  # or the crop rule's settings
+                     else Cropper(crop_size, small_images, random_flip, crop_mode, min_fraction))
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key) -> dict:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        skipped = []
+        for attempt in range(self.MAX_REPLACEMENTS):
+            i = (index + attempt) % len(self.files)
+            try:
+                image = self.crop(self.files.open(i), np.random.default_rng((self.seed, epoch, i)))
+                return {"pixels": image, "path": self.files.key(i), "skipped": skipped}
+            except (ImageLoadError, TooSmall) as exc:
+                skipped.append(f"{exc}")
+        raise RuntimeError(
+            f"{self.MAX_REPLACEMENTS} consecutive unusable images starting at {self.files.key(index)}; "
+            f"last reasons: {skipped[-3:]}"
+        )
+
+
+class TooSmall(Exception):
     pass
 
 

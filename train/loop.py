@@ -26,7 +26,7 @@ import torch
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from codec.codec import Codec
@@ -255,7 +255,9 @@ def eval_codec(run: Run) -> Codec:
 def export_codec(run: Run, dataset: Dataset, folder: Path) -> None:
     codec = eval_codec(run)
     if run.recipe.measures_factors:  # as `vae-codec scale` measures: a seeded sample of the whole set
-        factors = measure_dataset(codec, ScaleCrops(dataset), run.cfg.scale_samples, seed=run.cfg.seed)
+        images = (Listed(dataset.head(run.cfg.scale_samples)) if isinstance(dataset, IterableDataset)
+                  else ScaleCrops(dataset))
+        factors = measure_dataset(codec, images, run.cfg.scale_samples, seed=run.cfg.seed)
         factors.pop("skipped")  # training crops never fail (bad files are replaced and recorded)
     else:
         factors = {"scaling_factor": 1.0, "note": "not measured: conditional VAE"}
@@ -310,19 +312,17 @@ def _train(cfg: TrainConfig) -> Path:
     validate(cfg)
     accelerator, resume_from = runs.start(cfg, cfg.grad_accum, cfg.deterministic)
     run, dataset, collate_fn = build_run(cfg, accelerator, resume_from)
-    per_rank = len(dataset) // accelerator.num_processes
-    batches_per_epoch = per_rank // cfg.batch_size
-    if batches_per_epoch < 1:
+    streamed = isinstance(dataset, IterableDataset)
+    if not streamed and len(dataset) // accelerator.num_processes // cfg.batch_size < 1:
         raise ValueError(f"{len(dataset)} training images are too few for batch_size {cfg.batch_size} on "
                          f"{accelerator.num_processes} process(es)")
-    sampler = EpochSampler(len(dataset), cfg.seed, accelerator.process_index, accelerator.num_processes,
-                           cfg.batch_size)
     runs.resume(accelerator, resume_from, run.own_state(), run.state)
     runs.open_output(accelerator, cfg)
     if run.is_main:
         _truncate_log(run.out / TRAIN_LOG, run.state.step)  # drop steps a killed run logged after its checkpoint
         print(f"training {run.recipe.describe()}: {count_parameters(run.raw_vae) / 1e6:.2f} M parameters "
-              f"({sum(p.numel() for p in run.trainable) / 1e6:.2f} M trained), {len(dataset)} images, "
+              f"({sum(p.numel() for p in run.trainable) / 1e6:.2f} M trained), "
+              f"{'streamed' if streamed else len(dataset)} images, "
               f"{accelerator.num_processes} process(es), output {run.out}")
     validation = Validation(run)
 
@@ -331,18 +331,7 @@ def _train(cfg: TrainConfig) -> Path:
         run.disc.train()
     start = time.monotonic()
     progress = tqdm(total=cfg.max_steps, initial=run.state.step, disable=not run.is_main, desc="train")
-    # One loader for the whole run, positioned where this run stands (0 or the resumed step).
-    epoch, skip = divmod(run.state.step * cfg.grad_accum, batches_per_epoch)
-    remaining = (cfg.max_steps - run.state.step) * cfg.grad_accum * cfg.batch_size
-    sampler.set_position(epoch, skip * cfg.batch_size, max(remaining, 0))
-    loader = DataLoader(
-        dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_fn,
-        num_workers=cfg.data.num_workers, drop_last=True, pin_memory=accelerator.device.type == "cuda",
-        # Its own generator: creating an iterator draws a worker seed, which must not come from
-        # the global RNG (a resumed run creates its iterator at a different moment).
-        generator=torch.Generator().manual_seed(cfg.seed + run.state.step),
-        worker_init_fn=_ignore_stop_signals,
-    )
+    loader = training_loader(run, dataset, collate_fn)
     interrupted = None
     nonfinite = False  # any micro-batch of the current optimiser step
     with StopSignals() as signals:
@@ -376,6 +365,29 @@ def _train(cfg: TrainConfig) -> Path:
             print(message)
         raise TrainingInterrupted(message, last)
     return finish(run, dataset, validation)
+
+
+def training_loader(run: Run, dataset: Dataset, collate_fn) -> DataLoader:
+    """One loader for the whole run, positioned where this run stands (0 or the resumed step):
+    an :class:`EpochSampler` over a map-style dataset, or a stream told its process and place."""
+    cfg, acc = run.cfg, run.accelerator
+    done = run.state.step * cfg.grad_accum  # batches this process has used
+    options = dict(
+        batch_size=cfg.batch_size, collate_fn=collate_fn, num_workers=cfg.data.num_workers, drop_last=True,
+        pin_memory=acc.device.type == "cuda", worker_init_fn=_ignore_stop_signals,
+        # Its own generator: creating an iterator draws a worker seed, which must not come from
+        # the global RNG (a resumed run creates its iterator at a different moment).
+        generator=torch.Generator().manual_seed(cfg.seed + run.state.step),
+    )
+    if isinstance(dataset, IterableDataset):
+        dataset.set_rank(acc.process_index, acc.num_processes)
+        dataset.set_position(done, cfg.batch_size)
+        return DataLoader(dataset, **options)
+    sampler = EpochSampler(len(dataset), cfg.seed, acc.process_index, acc.num_processes, cfg.batch_size)
+    epoch, skip = divmod(done, sampler.per_epoch // cfg.batch_size)
+    remaining = (cfg.max_steps - run.state.step) * cfg.grad_accum * cfg.batch_size
+    sampler.set_position(epoch, skip * cfg.batch_size, max(remaining, 0))
+    return DataLoader(dataset, sampler=sampler, **options)
 
 
 def after_step(run: Run, dataset, validation: Validation, progress, logs: dict, x, recon, over_time: bool,
@@ -430,6 +442,19 @@ class ScaleCrops(Dataset):
     def __getitem__(self, i: int) -> dict:
         image = self.dataset[(i, SCALE_EPOCH)]["pixels"]
         return {"image": image.expand(3, -1, -1) if image.shape[0] == 1 else image, "error": None}
+
+
+class Listed(Dataset):
+    """Crops already read (a stream's head) as :func:`measure_dataset` reads them."""
+
+    def __init__(self, images: list[torch.Tensor]):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "error": None}
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

@@ -15,7 +15,8 @@ from torch import nn
 from codec.evaluation.lpips_weights import load_lpips
 from codec.models import build_autoencoder, load_autoencoder
 from train.config import TrainConfig
-from train.data import CropDataset, collate, gather_images
+from train.data import CropDataset, Cropper, collate, gather_images
+from train.streams import StreamCrops, is_stream
 
 
 class Autoencoder(nn.Module):
@@ -52,11 +53,12 @@ class KLF8Recipe:
         return load_lpips(loss.perceptual_net) if loss.perceptual_weight > 0 else None
 
     def dataset(self):
+        """(dataset, collate): a map-style CropDataset, or a StreamCrops where sources stream."""
         d = self.cfg.data
-        images = gather_images(d.train, d.image_column, d.hf_split)
-        dataset = CropDataset(images, d.crop_size, d.small_images, d.random_flip, self.cfg.seed, d.crop_mode,
-                              d.crop_min_fraction)
-        return dataset, collate
+        crop = Cropper(d.crop_size, d.small_images, d.random_flip, d.crop_mode, d.crop_min_fraction)
+        if any(is_stream(s, d.streaming) for s in d.train):  # all of them then (train.config.validate)
+            return StreamCrops(d.train, crop, self.cfg.seed, d.image_column, d.hf_split), collate
+        return CropDataset(gather_images(d.train, d.image_column, d.hf_split), crop, seed=self.cfg.seed), collate
 
     def inputs(self, batch: dict, device: torch.device) -> torch.Tensor:
         x = batch["pixels"].to(device, non_blocking=True)
