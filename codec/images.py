@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # GIF: its first frame
 
 
 class ImageLoadError(ValueError):
@@ -87,8 +87,11 @@ def list_images(source: str | os.PathLike) -> list[Path]:
     """
     source = Path(source)
     if source.is_dir():
+        # Every entry named like an image, broken or looping symbolic links included: they fail
+        # to load and are then recorded as skipped, never silently passed over.
         return sorted(
-            p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            p for p in source.rglob("*")
+            if p.suffix.lower() in IMAGE_EXTENSIONS and (p.is_symlink() or p.is_file()) and not p.is_dir()
         )
     if source.is_file() and source.suffix.lower() in (".txt", ".lst", ".list"):
         paths = []

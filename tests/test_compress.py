@@ -397,3 +397,32 @@ def test_accelerate_launch_two_processes(codec_dir, image_folder, tmp_path, mode
     ref = {it["key"]: it["latents"] for it in LatentDataset(single)}
     for it in LatentDataset(out):
         assert torch.allclose(it["latents"], ref[it["key"]], atol=1e-3)
+
+
+def test_odd_directory_entries_are_encoded_or_listed_never_lost(codec_dir, tmp_path):
+    """An animated GIF is its first frame; broken and looping symbolic links named like images
+    are listed as skipped with the reason; `verify` accounts for every entry."""
+    src = tmp_path / "odd"
+    src.mkdir()
+    frames = [Image.fromarray(smooth_image(i, 40, 48)) for i in range(3)]
+    frames[0].save(src / "anim.gif", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    Image.fromarray(smooth_image(9, 40, 48)).save(src / "plain.png")
+    (src / "loop_a.jpg").symlink_to(src / "loop_b.jpg")
+    (src / "loop_b.jpg").symlink_to(src / "loop_a.jpg")
+    (src / "gone.png").symlink_to(src / "missing.png")
+    (src / "folder.jpg").mkdir()  # a directory named like an image is not an input
+    out = tmp_path / "lat"
+    assert run(codec_dir, src, out) == 0
+    manifest = sh.load_manifest(out)
+    skipped = {s["key"]: s["reason"] for s in manifest["skipped"]}
+    assert sorted(skipped) == ["gone.png", "loop_a.jpg", "loop_b.jpg"]
+    assert "symbolic links" in skipped["loop_a.jpg"] and "No such file" in skipped["gone.png"]
+    assert sorted(all_keys(out)) == ["anim.gif", "gone.png", "loop_a.jpg", "loop_b.jpg", "plain.png"]
+    assert main(["verify", str(out), "--input", str(src)]) == 0
+    with Image.open(src / "anim.gif") as gif:  # what was encoded is frame 0, not a later one
+        decoded = []
+        for i in range(2):
+            gif.seek(i)
+            decoded.append(np.asarray(gif.convert("RGB")))
+    ours = np.asarray(load_image(src / "anim.gif"))
+    assert np.array_equal(ours, decoded[0]) and not np.array_equal(ours, decoded[1])

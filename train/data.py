@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from codec.images import ImageLoadError, center_crop_multiple, list_images, load_image, pil_to_tensor
+from codec.images import IMAGE_EXTENSIONS, ImageLoadError, center_crop_multiple, list_images, load_image, pil_to_tensor
 from codec.latents.inputs import Input, list_inputs, read_input
 
 
@@ -160,7 +160,7 @@ def gather_inputs(sources: list[str | os.PathLike]) -> list[Input]:
         for path in paths:
             found = list_inputs(path)
             if not found:
-                raise ValueError(f"no images (jpg, jpeg, png, webp, bmp, tif) found in {path}")
+                raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {path}")
             items += found
     return items
 
@@ -173,7 +173,7 @@ def gather_files(sources: list[str | os.PathLike]) -> list[Path]:
             raise FileNotFoundError(f"data source {src} does not exist")
         found = list_images(src)
         if not found:
-            raise ValueError(f"no images (jpg, jpeg, png, webp, bmp, tif) found in {src}")
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {src}")
         files += found
     return files
 
