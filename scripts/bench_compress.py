@@ -12,6 +12,9 @@
    images, each job in a fresh subprocess.
 3. Size on disk per image: latent shards against the source files.
 
+``--flip-compare`` instead times end-to-end jobs with and without ``--flip`` (the mirrored
+image's latents stored too) on the same images, alternating, and reports the ratio.
+
     python -m scripts.bench_compress --preset tiny --resolution 128 --images 100
     python -m scripts.bench_compress --source ../shared/data/bsds500/train   # real JPEGs, repeated
 """
@@ -68,14 +71,30 @@ def encoder_only(codec, tensors: list[torch.Tensor], batch: int, storage: torch.
     return time.perf_counter() - start
 
 
-def end_to_end(codec_dir: Path, images: Path, out: Path, args) -> float:
+def end_to_end(codec_dir: Path, images: Path, out: Path, args, flip: bool = False) -> float:
     from codec.latents.compress import compress
 
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     compress(codec_dir, images, out, resolution=args.resolution, batch_size=args.batch_size,
-             num_workers=args.num_workers, device=args.device, progress=False)
+             num_workers=args.num_workers, device=args.device, progress=False, flip=flip)
     return time.perf_counter() - start
+
+
+def flip_compare(codec_dir: Path, images: Path, work: Path, args) -> None:
+    """End to end with and without --flip on the same images, alternating; min and median."""
+    times = {False: [], True: []}
+    end_to_end(codec_dir, images, work / "warm", args)
+    for _ in range(args.repeats):
+        for flip in (False, True):
+            times[flip].append(end_to_end(codec_dir, images, work / f"flip{flip}", args, flip=flip))
+    rate = {f: {"max": args.images / min(t), "median": args.images / statistics.median(t)} for f, t in times.items()}
+    sizes = {f: json.loads((work / f"flip{f}" / "manifest.json").read_text())["summary"]["bytes"] for f in times}
+    print(json.dumps({"plain_img_s": rate[False], "flip_img_s": rate[True], "bytes": sizes,
+                      "seconds": {str(f): t for f, t in times.items()}}, indent=2))
+    print(f"\n--flip: {rate[True]['median']:.1f} img/s (max {rate[True]['max']:.1f}) against "
+          f"{rate[False]['median']:.1f} (max {rate[False]['max']:.1f}) without, "
+          f"{rate[True]['median'] / rate[False]['median']:.2f}x; shards {sizes[True] / sizes[False]:.2f}x the bytes")
 
 
 PEAK_SNIPPET = (
@@ -117,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--flip-compare", action="store_true", help="only time jobs with and without --flip")
     args = parser.parse_args(argv)
 
     from codec import Codec
@@ -130,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         codec = Codec(vae, device=args.device, batch_size=args.batch_size)
         codec_dir = codec.save_pretrained(work / "codec")
         n = args.images
+        if args.flip_compare:
+            make_images(work / "flipsrc", n, args.source, tuple(args.size))
+            flip_compare(codec_dir, work / "flipsrc", work, args)
+            return 0
         make_images(work / "big", 10 * n, args.source, tuple(args.size))
         small = work / "small"
         small.mkdir()

@@ -426,3 +426,36 @@ def test_odd_directory_entries_are_encoded_or_listed_never_lost(codec_dir, tmp_p
             decoded.append(np.asarray(gif.convert("RGB")))
     ours = np.asarray(load_image(src / "anim.gif"))
     assert np.array_equal(ours, decoded[0]) and not np.array_equal(ours, decoded[1])
+
+
+@pytest.mark.parametrize("store", ["mean", "mean_std"])
+def test_flip_stores_the_mirrored_image_latents_and_the_dataset_picks_one(codec_dir, image_folder, tmp_path, store):
+    out = tmp_path / "lat"
+    assert run(codec_dir, image_folder, out, "--resolution", "32", "--store", store, "--flip") == 0
+    assert main(["verify", str(out)]) == 0
+    ds = LatentDataset(out, sample=False)
+    codec = Codec.from_pretrained(codec_dir, device="cpu")
+    key = ds.get(0)["key"]
+    x, _, _ = inputs.fit(load_image(image_folder / key), 32)
+    x = x[None].float() / 127.5 - 1
+    plain, mirrored = ds.get(0, flipped=False), ds.get(0, flipped=True)
+    assert plain["flipped"] is False and mirrored["flipped"] is True
+    torch.testing.assert_close(plain["latents"], codec.encode(x)[0], atol=2e-2, rtol=0)  # fp16 storage
+    torch.testing.assert_close(mirrored["latents"], codec.encode(x.flip(-1))[0], atol=2e-2, rtol=0)
+    # The latent of the mirrored image is not the mirrored latent: flips must be encoded, not flipped.
+    assert (mirrored["latents"] - plain["latents"].flip(-1)).abs().max() > 0.05
+    torch.manual_seed(0)
+    views = [ds[0]["flipped"] for _ in range(40)]
+    assert 5 < sum(views) < 35  # both views, about half each
+    assert not any(LatentDataset(out, sample=False, flip=False)[0]["flipped"] for _ in range(10))
+    # A rerun into the same folder without --flip is another job: refused with the difference named.
+    assert run(codec_dir, image_folder, out, "--resolution", "32", "--store", store) == 2
+
+
+def test_latents_without_flip_refuse_a_flipped_view(codec_dir, image_folder, tmp_path):
+    out = tmp_path / "lat"
+    assert run(codec_dir, image_folder, out, "--resolution", "32") == 0
+    ds = LatentDataset(out)
+    assert "flipped" not in ds[0]
+    with pytest.raises(ValueError, match="compress with --flip"):
+        ds.get(0, flipped=True)

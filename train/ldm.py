@@ -42,7 +42,7 @@ class LatentStream(Dataset):
     def __init__(self, path, seed: int, fresh_samples: bool):
         from codec.latents.dataset import LatentDataset
 
-        self.data = LatentDataset(path, sample=False)  # we draw the samples, reproducibly
+        self.data = LatentDataset(path, sample=False, flip=False)  # we draw samples and flips, reproducibly
         self.seed, self.fresh = seed, fresh_samples
         shapes = self.data.indices_by_shape()
         if len(shapes) != 1:
@@ -58,10 +58,12 @@ class LatentStream(Dataset):
 
     def __getitem__(self, key) -> torch.Tensor:
         index, epoch = key
-        item = self.data[index]
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+        # --flip latents: one of the two views, drawn like the sample (reproducible on resume)
+        flipped = self.data.has_flip and bool(torch.rand((), generator=g) < 0.5)
+        item = self.data.get(index, flipped)
         if not (self.has_std and self.fresh):
             return item["latents"]
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
         return item["mean"] + item["std"] * torch.randn(item["mean"].shape, generator=g)
 
 

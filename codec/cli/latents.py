@@ -40,6 +40,9 @@ def register(sub) -> None:
                    help="image decoding processes")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the posterior samples of --store sample")
+    p.add_argument("--flip", action="store_true",
+                   help="also store the latents of the horizontally mirrored image (for flip augmentation; "
+                        "LatentDataset picks one of the two per access)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_compress)
 
@@ -86,7 +89,7 @@ def cmd_compress(args) -> int:
         args.codec, args.input, args.output, resolution=args.resolution, store=args.store,
         latent_dtype=args.latent_dtype, shard_size=args.shard_size, batch_size=args.batch_size,
         num_workers=args.num_workers, device=args.device, dtype=args.dtype, seed=args.seed,
-        progress=not args.no_progress,
+        progress=not args.no_progress, flip=args.flip,
     )
     return 0
 

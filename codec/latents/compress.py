@@ -101,6 +101,7 @@ def compress(
     dtype: str = "fp32",
     seed: int = 0,
     progress: bool = True,
+    flip: bool = False,
 ) -> dict | None:
     """Encode every image of ``source`` into shards under ``output``; returns the manifest's
     summary on the main process (None on the others). See the module docstring."""
@@ -137,6 +138,7 @@ def compress(
         "settings": {
             "resolution": resolution, "store": store, "latent_dtype": latent_dtype,
             "compute_dtype": dtype, "shard_size": shard_size, "seed": seed,
+            **({"flip": True} if flip else {}),  # absent when off: jobs written before --flip still match
         },
         "inputs": {
             "source": str(Path(source).resolve()),  # absolute: verify lists it again later
@@ -167,6 +169,12 @@ def compress(
         # uint8 travels to the device (4x fewer bytes than float), then [0, 255] -> [-1, 1].
         x = torch.stack([it["image"] for it in items]).to(codec.device)
         x = x.float().div_(127.5).sub_(1.0)
+        tensors = encode_view(x, items, view=0)
+        if flip:  # the latent of the mirrored image (not the mirrored latent: the encoder is not equivariant)
+            tensors.update({f"{k}_flip": v for k, v in encode_view(x.flip(-1), items, view=1).items()})
+        return tensors
+
+    def encode_view(x: torch.Tensor, items: list[dict], view: int) -> dict[str, torch.Tensor]:
         mean, logvar = codec.posterior(x)  # (B, C, h, w) unscaled, float32 on the CPU
         # The factors exactly as Codec.encode / diffusers pipelines apply them (codec.factors).
         mean_s = scale_latents(mean, codec.vae.config)
@@ -178,7 +186,7 @@ def compress(
         # One random stream per (seed, input): the sample does not depend on batching, ranks or
         # resumes. numpy's SeedSequence takes both numbers (torch's CPU seed keeps only 32 bits).
         noise = torch.from_numpy(np.stack([
-            np.random.default_rng([seed, it["index"]]).standard_normal(
+            np.random.default_rng([seed, it["index"]] + ([view] if view else [])).standard_normal(
                 mean.shape[1:], dtype=np.float32
             )
             for it in items

@@ -9,7 +9,8 @@ Items::
      "key": "relative/path.jpg",     # the input it came from
      "original_size": (2,) int64,    # (h, w) of the source image
      "crop_top_left": (2,) int64}    # (top, left) of the crop, in the resized image
-    # plus "mean" and "std" (C, h, w) when the job stored --store mean_std
+    # plus "mean" and "std" (C, h, w) when the job stored --store mean_std,
+    # and "flipped" (bool) when it stored --flip
 
 With ``--store mean`` / ``sample`` ``latents`` is the stored tensor. With ``mean_std`` it is a
 *fresh posterior sample* ``mean + std * N(0, I)`` drawn at every access (with torch's global
@@ -17,6 +18,10 @@ RNG, which DataLoader seeds per worker and per epoch), so every epoch sees new s
 ``sample=False`` to get the mean instead. All latents are already scaled
 (``(z - shift_factor) * scaling_factor``); ``dataset.scaling_factor`` / ``shift_factor`` are
 the codec's, for decoding.
+
+With ``--flip`` every row also holds the latents of the mirrored image, and each access takes
+one of the two views at random (torch's global RNG again, like the posterior sample); pass
+``flip=False`` for the original view only, or call :meth:`LatentDataset.get` to choose.
 
 Native-size jobs mix latent shapes; batch them with :meth:`LatentDataset.indices_by_shape`.
 """
@@ -35,7 +40,7 @@ from codec.latents import shards as sh
 
 
 class LatentDataset(Dataset):
-    def __init__(self, path: str | os.PathLike, sample: bool = True):
+    def __init__(self, path: str | os.PathLike, sample: bool = True, flip: bool = True):
         """``path``: a folder written by ``vae-codec compress``, or one shard file on its own."""
         path = Path(path)
         if path.is_file():
@@ -44,7 +49,8 @@ class LatentDataset(Dataset):
         else:
             manifest = sh.load_manifest(path)
             job, self.root, self.shards = manifest, path, manifest["shards"]
-        self.job, self.sample = job, sample
+        self.job, self.sample, self.flip = job, sample, flip
+        self.has_flip = bool(job["settings"].get("flip"))
         self.scaling_factor = job["codec"]["scaling_factor"]
         self.shift_factor = job["codec"]["shift_factor"]
         self._starts = [0]
@@ -79,6 +85,13 @@ class LatentDataset(Dataset):
         return s, index - self._starts[s]
 
     def __getitem__(self, index: int) -> dict:
+        flipped = self.has_flip and self.flip and bool(torch.rand(()) < 0.5)
+        return self.get(index, flipped)
+
+    def get(self, index: int, flipped: bool = False) -> dict:
+        """Row ``index``, from the mirrored image's latents when ``flipped`` (``--flip`` jobs)."""
+        if flipped and not self.has_flip:
+            raise ValueError("these latents hold no mirrored view; compress with --flip")
         s, row = self.locate(index)
         shard, f = self.shards[s], self._open(s)
         item = {
@@ -86,11 +99,14 @@ class LatentDataset(Dataset):
             "original_size": torch.tensor(shard["original_sizes"][row]),
             "crop_top_left": torch.tensor(shard["crops_top_left"][row]),
         }
+        if self.has_flip:
+            item["flipped"] = flipped
+        suffix = "_flip" if flipped else ""
         if "latents" in shard["tensors"]:
-            item["latents"] = f.get_slice("latents")[row : row + 1][0].float()
+            item["latents"] = f.get_slice(f"latents{suffix}")[row : row + 1][0].float()
             return item
-        mean = f.get_slice("mean")[row : row + 1][0].float()
-        std = f.get_slice("std")[row : row + 1][0].float()
+        mean = f.get_slice(f"mean{suffix}")[row : row + 1][0].float()
+        std = f.get_slice(f"std{suffix}")[row : row + 1][0].float()
         item.update(mean=mean, std=std)
         item["latents"] = mean + std * torch.randn_like(mean) if self.sample else mean
         return item

@@ -149,10 +149,12 @@ def read_shard_entry(path: Path) -> tuple[dict, dict]:
         }
     except (KeyError, json.JSONDecodeError) as exc:
         raise ShardError(f"{path}: malformed shard metadata ({type(exc).__name__}: {exc})") from exc
-    expected = ({"latents"}, {"mean", "std"})
+    expected = [{"latents"}, {"mean", "std"}]
+    expected += [view | {f"{n}_flip" for n in view} for view in expected]  # with --flip: both views
     shape_set = {tuple(s) for s in shapes.values()}
     if set(names) not in expected or len(shape_set) != 1 or len(next(iter(shape_set))) != 4:
-        raise ShardError(f"{path}: expected tensors 'latents' or 'mean'+'std' of one (N, C, h, w) shape, got {shapes}")
+        raise ShardError(f"{path}: expected tensors 'latents' or 'mean'+'std' (each also '_flip' with --flip) "
+                         f"of one (N, C, h, w) shape, got {shapes}")
     shape = next(iter(shape_set))
     rows = [entry["keys"], entry["original_sizes"], entry["crops_top_left"]]
     if not isinstance(job, dict) or any(not isinstance(r, list) or len(r) != shape[0] for r in rows):
