@@ -43,6 +43,9 @@ def register(sub) -> None:
     p.add_argument("--flip", action="store_true",
                    help="also store the latents of the horizontally mirrored image (for flip augmentation; "
                         "LatentDataset picks one of the two per access)")
+    p.add_argument("--labels", default="auto", choices=["auto", "folders"],
+                   help="auto: class labels from .cls / .json side data where present; folders: the first "
+                        "folder under --input is the class (class_name/image.jpg)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_compress)
 
@@ -89,7 +92,7 @@ def cmd_compress(args) -> int:
         args.codec, args.input, args.output, resolution=args.resolution, store=args.store,
         latent_dtype=args.latent_dtype, shard_size=args.shard_size, batch_size=args.batch_size,
         num_workers=args.num_workers, device=args.device, dtype=args.dtype, seed=args.seed,
-        progress=not args.no_progress, flip=args.flip,
+        progress=not args.no_progress, flip=args.flip, labels=args.labels,
     )
     return 0
 

@@ -33,6 +33,7 @@ from codec.factors import scale_latents, scale_std
 from codec.images import IMAGE_EXTENSIONS, save_image
 from codec.io import read_metadata
 from codec.latents import shards as sh
+from codec.latents.conditioning import folder_classes, orphans, read_metadata_jsonl
 from codec.latents.inputs import ImageInputs, as_list, list_inputs
 from codec.models import load_autoencoder
 from codec.tiling import check_method
@@ -102,6 +103,7 @@ def compress(
     seed: int = 0,
     progress: bool = True,
     flip: bool = False,
+    labels: str = "auto",
 ) -> dict | None:
     """Encode every image of ``source`` into shards under ``output``; returns the manifest's
     summary on the main process (None on the others). See the module docstring."""
@@ -117,6 +119,8 @@ def compress(
         raise ValueError(
             f"--resolution must be a positive multiple of {DOWNSAMPLE}, got {resolution}"
         )
+    if labels not in ("auto", "folders"):
+        raise ValueError(f"unknown labels {labels!r}; choose from ['auto', 'folders']")
     if shard_size < 1 or seed < 0:
         raise ValueError("--shard-size must be >= 1 and --seed >= 0")
 
@@ -140,6 +144,9 @@ def compress(
             "compute_dtype": dtype, "shard_size": shard_size, "seed": seed,
             **({"flip": True} if flip else {}),  # absent when off: jobs written before --flip still match
         },
+        # --labels folders: the class list (label i is classes[i]), in the job so a rerun with
+        # other classes is another job
+        **({"classes": folder_classes(Path(source), [i.key for i in inputs])} if labels == "folders" else {}),
         "inputs": {
             "source": str(Path(source).resolve()),  # absolute: verify lists it again later
             "count": len(inputs),
@@ -164,6 +171,14 @@ def compress(
         collate_fn=as_list, prefetch_factor=4 if num_workers else None,
     )
     storage = sh.LATENT_DTYPES[latent_dtype]
+    classes = job.get("classes")
+
+    def label_of(item: dict) -> int | None:
+        if classes is None:
+            return item["label"]
+        key = inputs[item["index"]].key
+        folder = key.split("/", 1)[0]
+        return classes.index(folder) if "/" in key and folder in classes else None
 
     def encode(items: list[dict]) -> dict[str, torch.Tensor]:
         # uint8 travels to the device (4x fewer bytes than float), then [0, 255] -> [-1, 1].
@@ -198,13 +213,17 @@ def compress(
         if not items:
             return
         group = chunk.groups.setdefault(
-            hw, {"tensors": {}, "keys": [], "original_sizes": [], "crops_top_left": []}
+            hw, {"tensors": {}, "keys": [], "original_sizes": [], "crops_top_left": [],
+                 "labels": [], "captions": [], "metas": []}
         )
         for name, t in encode(items).items():
             group["tensors"].setdefault(name, []).append(t.to(storage))
         group["keys"] += [inputs[it["index"]].key for it in items]
         group["original_sizes"] += [it["original_size"] for it in items]
         group["crops_top_left"] += [it["crop_top_left"] for it in items]
+        group["labels"] += [label_of(it) for it in items]
+        group["captions"] += [it["caption"] for it in items]
+        group["metas"] += [it["meta"] for it in items]
 
     def commit(chunk: _Chunk) -> None:
         for hw in list(chunk.pending):
@@ -212,6 +231,9 @@ def compress(
         entries = []
         for hw, group in sorted(chunk.groups.items()):
             tensors = {name: torch.cat(parts) for name, parts in group.pop("tensors").items()}
+            for field in sh.CONDITIONING_ROWS:  # stored only where some image has it
+                if all(v is None for v in group[field]):
+                    del group[field]
             for name, t in tensors.items():
                 if not torch.isfinite(t).all():
                     raise ValueError(
@@ -237,6 +259,8 @@ def compress(
                     if chunk is not None:
                         commit(chunk)
                     chunk = _Chunk(c)
+                if item["error"] is None and classes is not None and label_of(item) is None:
+                    item["error"] = "not in a class folder (--labels folders)"
                 if item["error"] is not None:
                     key = inputs[item["index"]].key
                     chunk.skipped.append({"key": key, "reason": item["error"]})
@@ -251,7 +275,10 @@ def compress(
     barrier()
     if not is_main:
         return None
-    manifest = sh.merge_manifest(out, job, num_chunks)
+    source_dir = Path(source)
+    found_orphans = (orphans(source_dir, [i.path for i in inputs if i.offset < 0], read_metadata_jsonl(source_dir))
+                     if source_dir.is_dir() else [])
+    manifest = sh.merge_manifest(out, job, num_chunks, found_orphans)
     s = manifest["summary"]
     print(
         f"{source} -> {out}: {s['inputs']} inputs = {s['encoded']} encoded + "
@@ -259,6 +286,9 @@ def compress(
         f"{s['shards']} shards, {s['bytes'] / 1e6:.2f} MB, latent shapes {s['latent_shapes']}; "
         f"{len(pending)} of {num_chunks} chunks encoded by this run ({world} process(es))"
     )
+    if manifest["orphans"]:
+        print(f"  {len(manifest['orphans'])} side file(s) or metadata row(s) without an image, listed as "
+              f"'orphans' in {out / sh.MANIFEST_FILE}")
     for item in manifest["skipped"][:10]:
         print(f"  skipped {item['key']}: {item['reason']}")
     if len(manifest["skipped"]) > 10:

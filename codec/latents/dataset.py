@@ -10,7 +10,8 @@ Items::
      "original_size": (2,) int64,    # (h, w) of the source image
      "crop_top_left": (2,) int64}    # (top, left) of the crop, in the resized image
     # plus "mean" and "std" (C, h, w) when the job stored --store mean_std,
-    # and "flipped" (bool) when it stored --flip
+    # and "flipped" (bool) when it stored --flip; "label" (int), "caption" (str) and "meta"
+    # (dict) where the inputs had them (None for a row without; see codec.latents.conditioning)
 
 With ``--store mean`` / ``sample`` ``latents`` is the stored tensor. With ``mean_std`` it is a
 *fresh posterior sample* ``mean + std * N(0, I)`` drawn at every access (with torch's global
@@ -52,6 +53,7 @@ class LatentDataset(Dataset):
         self.job, self.sample, self.flip = job, sample, flip
         self.has_flip = bool(job["settings"].get("flip"))
         self.scaling_factor = job["codec"]["scaling_factor"]
+        self.classes = job.get("classes")  # --labels folders: label i is classes[i]
         self.shift_factor = job["codec"]["shift_factor"]
         self._starts = [0]
         for s in self.shards:
@@ -101,6 +103,9 @@ class LatentDataset(Dataset):
         }
         if self.has_flip:
             item["flipped"] = flipped
+        for field, name in (("labels", "label"), ("captions", "caption"), ("metas", "meta")):
+            if field in shard:  # conditioning, where the job found some (None for rows without)
+                item[name] = shard[field][row]
         suffix = "_flip" if flipped else ""
         if "latents" in shard["tensors"]:
             item["latents"] = f.get_slice(f"latents{suffix}")[row : row + 1][0].float()

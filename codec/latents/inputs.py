@@ -21,6 +21,14 @@ from torch.utils.data import Dataset
 
 from codec.codec import DOWNSAMPLE
 from codec.images import IMAGE_EXTENSIONS, ImageLoadError, list_images, load_image
+from codec.latents.conditioning import (
+    SIDE_EXTENSIONS,
+    Side,
+    conditioning,
+    read_metadata_jsonl,
+    read_range,
+    side_files,
+)
 
 COMPRESSED_TARS = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 
@@ -34,6 +42,8 @@ class Input:
     path: str
     offset: int = -1
     size: int = -1
+    sides: tuple[Side, ...] = ()  # its caption / label / JSON side data (codec.latents.conditioning)
+    record: str | None = None  # its metadata.jsonl row (JSON text)
 
 
 def list_inputs(source: str | os.PathLike) -> list[Input]:
@@ -49,7 +59,9 @@ def list_inputs(source: str | os.PathLike) -> list[Input]:
     if source.is_file() and source.name.endswith(".tar"):
         return _sorted_unique(_tar_members(source, prefix=""))
     if source.is_dir():
-        items = [Input(p.relative_to(source).as_posix(), str(p)) for p in list_images(source)]
+        metadata = read_metadata_jsonl(source)
+        items = [Input(key, str(p), sides=side_files(p), record=metadata.get(key))
+                 for p in list_images(source) for key in [p.relative_to(source).as_posix()]]
         for archive in sorted(source.rglob("*")):
             name = archive.name.lower()
             if name.endswith(COMPRESSED_TARS):
@@ -73,16 +85,22 @@ def _refuse_compressed(archive: Path):
 
 
 def _tar_members(path: Path, prefix: str) -> list[Input]:
-    """Image members of an uncompressed tar with their byte ranges (webdataset layout)."""
-    items = []
+    """Image members of an uncompressed tar with their byte ranges (webdataset layout), each
+    with the side members of its sample (same name, .txt / .cls / .json)."""
+    images, sides = [], {}
     try:
         with tarfile.open(path, "r:") as tf:
             for m in tf:
-                if m.isfile() and Path(m.name).suffix.lower() in IMAGE_EXTENSIONS:
-                    items.append(Input(prefix + m.name, str(path), m.offset_data, m.size))
+                suffix = Path(m.name).suffix.lower()
+                if m.isfile() and suffix in IMAGE_EXTENSIONS:
+                    images.append(m)
+                elif m.isfile() and suffix in SIDE_EXTENSIONS:
+                    sides.setdefault(str(Path(m.name).with_suffix("")), []).append(
+                        Side(suffix, str(path), m.offset_data, m.size))
     except tarfile.TarError as exc:
         raise ValueError(f"{path}: cannot list this tar ({exc}); repair or remove it") from exc
-    return items
+    return [Input(prefix + m.name, str(path), m.offset_data, m.size,
+                  sides=tuple(sides.get(str(Path(m.name).with_suffix("")), ()))) for m in images]
 
 
 def _sorted_unique(items) -> list[Input]:
@@ -97,9 +115,7 @@ def read_input(item: Input) -> Image.Image:
     if item.offset < 0:
         return load_image(item.path)
     try:
-        with open(item.path, "rb") as fh:
-            fh.seek(item.offset)
-            data = fh.read(item.size)
+        data = read_range(item.path, item.offset, item.size)
     except OSError as exc:
         raise ImageLoadError(f"{item.key}: cannot read {item.path} ({exc})") from exc
     if len(data) != item.size:
@@ -148,7 +164,12 @@ class ImageInputs(Dataset):
         except ImageLoadError as exc:
             item["error"] = str(exc)
             return item
-        item.update(image=image, original_size=size, crop_top_left=crop)
+        try:
+            extra = conditioning(self.inputs[index].key, self.inputs[index].sides, self.inputs[index].record)
+        except ImageLoadError as exc:
+            item["error"] = str(exc)
+            return item
+        item.update(image=image, original_size=size, crop_top_left=crop, **extra)
         return item
 
 

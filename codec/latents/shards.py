@@ -42,6 +42,8 @@ TMP_MARK = ".tmp-"
 
 LATENT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 STORES = ("mean", "sample", "mean_std")
+# Per-row conditioning a shard may carry (codec.latents.conditioning): label, caption, meta.
+CONDITIONING_ROWS = ("labels", "captions", "metas")
 
 
 class ShardError(ValueError):
@@ -103,6 +105,7 @@ def write_shard(
         "keys": json.dumps(rows["keys"]),
         "original_sizes": json.dumps(rows["original_sizes"]),
         "crops_top_left": json.dumps(rows["crops_top_left"]),
+        **{field: json.dumps(rows[field]) for field in CONDITIONING_ROWS if field in rows},
     }
     data = save_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
     atomic_write_bytes(out / name, data)
@@ -116,6 +119,7 @@ def write_shard(
         "keys": rows["keys"],
         "original_sizes": rows["original_sizes"],
         "crops_top_left": rows["crops_top_left"],
+        **{field: rows[field] for field in CONDITIONING_ROWS if field in rows},
     }
 
 
@@ -146,6 +150,7 @@ def read_shard_entry(path: Path) -> tuple[dict, dict]:
             "keys": json.loads(meta["keys"]),
             "original_sizes": json.loads(meta["original_sizes"]),
             "crops_top_left": json.loads(meta["crops_top_left"]),
+            **{field: json.loads(meta[field]) for field in CONDITIONING_ROWS if field in meta},
         }
     except (KeyError, json.JSONDecodeError) as exc:
         raise ShardError(f"{path}: malformed shard metadata ({type(exc).__name__}: {exc})") from exc
@@ -214,7 +219,7 @@ def load_record(out: Path, chunk: int) -> dict | None:
     return record
 
 
-def merge_manifest(out: Path, job: dict, num_chunks: int) -> dict:
+def merge_manifest(out: Path, job: dict, num_chunks: int, orphans: list[dict] | None = None) -> dict:
     """Merge every chunk record into ``manifest.json`` and delete leftovers of killed runs."""
     shards, skipped = [], []
     for chunk in range(num_chunks):
@@ -241,6 +246,7 @@ def merge_manifest(out: Path, job: dict, num_chunks: int) -> dict:
     }
     manifest["shards"] = shards
     manifest["skipped"] = sorted(skipped, key=lambda s: s["key"])
+    manifest["orphans"] = orphans or []  # side data without an image (not inputs, so not in skipped)
     atomic_write_json(out / MANIFEST_FILE, manifest)
     # Shards of chunks that were redone under another name and half-written temporaries.
     referenced = {s["file"] for s in shards}
