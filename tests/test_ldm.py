@@ -140,3 +140,49 @@ def test_flipped_latents_are_one_view_per_epoch_reproducibly(image_folder_module
     assert all(torch.equal(s, plain) or torch.equal(s, mirrored) for s in seen)
     assert 5 < sum(torch.equal(s, mirrored) for s in seen) < 25  # both views over the epochs
     assert all(torch.equal(stream[(2, e)], seen[e]) for e in range(30))  # the same on a resumed run
+
+
+@pytest.fixture(scope="module")
+def labelled_latents(tmp_path_factory):
+    """Two classes of real photos (BSDS500; generated images where ../shared is absent)."""
+    from conftest import SHARED_DATA, smooth_image
+
+    root = tmp_path_factory.mktemp("classes") / "pets"
+    files = sorted((SHARED_DATA / "bsds500" / "train").glob("*.jpg"))[:8]
+    for i in range(8):
+        (root / ("cats" if i < 4 else "dogs")).mkdir(parents=True, exist_ok=True)
+        img = Image.open(files[i]).convert("RGB") if files else Image.fromarray(smooth_image(i, 40, 48))
+        img.save(root / ("cats" if i < 4 else "dogs") / f"{i}.png")
+    torch.manual_seed(0)
+    codec_dir = Codec(build_autoencoder("test"), device="cpu").save_pretrained(tmp_path_factory.mktemp("c") / "codec")
+    out = tmp_path_factory.mktemp("latents") / "pets"
+    assert cli(["compress", "--codec", str(codec_dir), "--input", str(root), "--output", str(out),
+                "--resolution", "32", "--labels", "folders", "--num-workers", "0", "--no-progress"]) == 0
+    return out
+
+
+def test_class_conditional_training_guidance_and_per_class_samples(labelled_latents, tmp_path):
+    import json
+
+    out = tmp_path / "cond"
+    assert main(args(out, labelled_latents, "max_steps=2", "num_samples=4", "guidance_scale=2.0")) == 0
+    unet = UNet2DModel.from_pretrained(out / "pipeline" / "unet")
+    assert unet.config.num_class_embeds == 3  # cats, dogs and the null class
+    info = json.loads((out / "pipeline" / "vae_codec_ldm.json").read_text())
+    assert info["classes"] == ["cats", "dogs"] and info["num_classes"] == 2
+    grid = Image.open(out / "samples" / "step_00000002.png")
+    assert grid.size == (2 + 2 * (32 + 2), 2 + 2 * (32 + 2))  # a row per class, 2 samples each
+    scheduler = DDPMPipeline.from_pretrained(out / "pipeline").scheduler
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    cats, dogs = (sample_latents(unet, scheduler, 2, 3, gen(), torch.full((2,), c), guidance=2.0) for c in (0, 1))
+    assert not torch.equal(cats, dogs)  # the label reaches the model
+    unguided = sample_latents(unet, scheduler, 2, 3, gen(), torch.zeros(2, dtype=torch.long), guidance=1.0)
+    assert not torch.equal(cats, unguided)
+    # Unconditional training of the same latents when asked, and a clear error without labels.
+    assert main(args(tmp_path / "uncond", labelled_latents, "max_steps=1", "class_conditional=no")) == 0
+    assert UNet2DModel.from_pretrained(tmp_path / "uncond" / "pipeline" / "unet").config.num_class_embeds is None
+
+
+def test_class_conditional_yes_needs_labels(latents, tmp_path):
+    with pytest.raises(ValueError, match="holds no labels"):
+        main(args(tmp_path / "x", latents, "max_steps=1", "class_conditional=yes"))

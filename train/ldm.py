@@ -52,6 +52,13 @@ class LatentStream(Dataset):
             )
         (self.shape,) = shapes
         self.has_std = "std" in self.data.shards[0]["tensors"]
+        # Class labels (compress --labels folders, or .cls side data): label i of num_classes;
+        # rows without one, and dropped labels, take the null class num_classes.
+        labels = [x for s in self.data.shards for x in s.get("labels", [])]
+        self.classes = self.data.classes
+        known = [x for x in labels if x is not None]
+        self.num_classes = len(self.classes) if self.classes else (max(known) + 1 if known else 0)
+        self.with_labels = False  # set by the run when it trains class-conditional
 
     def __len__(self) -> int:
         return len(self.data)
@@ -63,11 +70,17 @@ class LatentStream(Dataset):
         flipped = self.data.has_flip and bool(torch.rand((), generator=g) < 0.5)
         item = self.data.get(index, flipped)
         if not (self.has_std and self.fresh):
-            return item["latents"]
-        return item["mean"] + item["std"] * torch.randn(item["mean"].shape, generator=g)
+            latents = item["latents"]
+        else:
+            latents = item["mean"] + item["std"] * torch.randn(item["mean"].shape, generator=g)
+        if not self.with_labels:
+            return latents
+        return latents, self.num_classes if item.get("label") is None else item["label"]
 
 
-def build_unet(cfg: LDMConfig, shape: tuple[int, ...]):
+def build_unet(cfg: LDMConfig, shape: tuple[int, ...], num_classes: int = 0):
+    """The UNet; with ``num_classes``, a class embedding of num_classes + 1 entries (the last:
+    the null class of classifier-free guidance)."""
     from diffusers import UNet2DModel
 
     m = cfg.model
@@ -79,6 +92,7 @@ def build_unet(cfg: LDMConfig, shape: tuple[int, ...]):
         down_block_types=("DownBlock2D",) * plain + ("AttnDownBlock2D",) * m.attention_levels,
         up_block_types=("AttnUpBlock2D",) * m.attention_levels + ("UpBlock2D",) * plain,
         norm_num_groups=m.norm_num_groups,
+        num_class_embeds=num_classes + 1 if num_classes else None,
     )
 
 
@@ -95,10 +109,15 @@ def build_scheduler(cfg: LDMConfig):
 
 
 @torch.no_grad()
-def sample_latents(unet, train_scheduler, count: int, steps: int, generator: torch.Generator) -> torch.Tensor:
+def sample_latents(unet, train_scheduler, count: int, steps: int, generator: torch.Generator,
+                   labels: torch.Tensor | None = None, guidance: float = 1.0) -> torch.Tensor:
     """Sampling from N(0, I): (count, C, h, w) latents in the codec's scaled units. DDIM for a
     DDPM-trained model, Euler steps for a flow-matching one (``train_scheduler``, the run's
-    scheduler or ``DDPMPipeline.from_pretrained(...).scheduler``, says which)."""
+    scheduler or ``DDPMPipeline.from_pretrained(...).scheduler``, says which).
+
+    A class-conditional UNet takes ``labels`` (count,), with classifier-free guidance (Ho &
+    Salimans 2022): ``uncond + guidance * (cond - uncond)``, the null class being the last
+    embedding."""
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
     flow = isinstance(train_scheduler, FlowMatchEulerDiscreteScheduler)
@@ -107,9 +126,16 @@ def sample_latents(unet, train_scheduler, count: int, steps: int, generator: tor
     device = next(unet.parameters()).device
     shape = (count, unet.config.in_channels, *unet.config.sample_size)
     x = torch.randn(shape, generator=generator).to(device)
+    null = None if labels is None else torch.full_like(labels, unet.config.num_class_embeds - 1).to(device)
     for t in scheduler.timesteps:
         model_input = x if flow else scheduler.scale_model_input(x, t)
-        out = unet(model_input, t.to(device)).sample
+        if labels is None:
+            out = unet(model_input, t.to(device)).sample
+        else:
+            both = unet(torch.cat([model_input, model_input]), t.to(device),
+                        class_labels=torch.cat([labels.to(device), null])).sample
+            cond, uncond = both.chunk(2)
+            out = uncond + guidance * (cond - uncond)
         x = scheduler.step(out, t, x).prev_sample
     return x.float().cpu()
 
@@ -146,7 +172,13 @@ def _train(cfg: LDMConfig) -> Path:
             f"{len(data)} latents are too few for batch_size {cfg.batch_size} on "
             f"{accelerator.num_processes} process(es)"
         )
-    unet = build_unet(cfg, data.shape)
+    conditional = cfg.class_conditional == "yes" or (cfg.class_conditional == "auto" and data.num_classes > 0)
+    if conditional and data.num_classes == 0:
+        raise ValueError(f"class_conditional=yes but {cfg.data.latents} holds no labels "
+                         "(compress with --labels folders, or with .cls side files)")
+    data.with_labels = conditional
+    num_classes = data.num_classes if conditional else 0
+    unet = build_unet(cfg, data.shape, num_classes)
     if resume_from:
         ckpt.check_compatible(resume_from, unet.config, "unet_config.json")
     noise_scheduler = build_scheduler(cfg)
@@ -167,13 +199,15 @@ def _train(cfg: LDMConfig) -> Path:
     if is_main:
         # The codec that made the latents (checked by weight hash and factors) decodes samples.
         codec = codec_of_latents(data.data.job, cfg.data.codec, device=accelerator.device)
-        probe = torch.stack([data[(i, 0)] for i in range(min(len(data), 64))])
+        items = [data[(i, 0)] for i in range(min(len(data), 64))]
+        probe = torch.stack([x[0] if isinstance(x, tuple) else x for x in items])
         print(
             f"training UNet2DModel ({sum(p.numel() for p in raw.parameters()) / 1e6:.2f} M "
             f"parameters) on {len(data)} latents {tuple(data.shape)} "
             f"({'fresh posterior samples' if data.has_std and data.fresh else 'stored latents'}; "
             f"mean {probe.mean():.3f}, std {probe.std():.3f}: a diffusion model expects about 0 "
-            f"and 1), {accelerator.num_processes} process(es), output {out}"
+            f"and 1), {f'class-conditional on {num_classes} classes, ' if num_classes else ''}"
+            f"{accelerator.num_processes} process(es), output {out}"
         )
 
     def export(folder: Path) -> None:
@@ -181,17 +215,25 @@ def _train(cfg: LDMConfig) -> Path:
         with ema_weights:
             DDPMPipeline(unet=raw, scheduler=noise_scheduler).save_pretrained(str(folder))
         info = {"codec": cfg.data.codec or data.data.job["codec"]["path"],
-                "latents": str(Path(cfg.data.latents).resolve()), "step": state.step}
+                "latents": str(Path(cfg.data.latents).resolve()), "step": state.step,
+                # class-conditional: label i is classes[i] (when named); num_classes is the null class
+                "num_classes": num_classes, "classes": data.classes if num_classes else None}
         (folder / "vae_codec_ldm.json").write_text(json.dumps(info, indent=2))
 
     def samples() -> Path:
+        labels = None
+        cols = math.ceil(math.sqrt(cfg.num_samples))
+        if num_classes:  # one row per class (the first 8), as many columns as fit num_samples
+            rows = min(num_classes, 8)
+            cols = max(1, cfg.num_samples // rows)
+            labels = torch.arange(rows).repeat_interleave(cols)
         with ema_weights:
             raw.eval()
-            latents = sample_latents(raw, noise_scheduler, cfg.num_samples, cfg.sample_steps,
-                                     torch.Generator().manual_seed(cfg.seed))
+            latents = sample_latents(raw, noise_scheduler, len(labels) if labels is not None else cfg.num_samples,
+                                     cfg.sample_steps, torch.Generator().manual_seed(cfg.seed), labels,
+                                     cfg.guidance_scale)
             raw.train()
         images = codec.decode(latents)
-        cols = math.ceil(math.sqrt(cfg.num_samples))
         path = out / "samples" / f"{ckpt.checkpoint_name(state.step)}.png"
         return make_grid_image(images.split(cols), path)
 
@@ -215,8 +257,13 @@ def _train(cfg: LDMConfig) -> Path:
     unet.train()
     progress = tqdm(total=cfg.max_steps, initial=state.step, disable=not is_main, desc="train.ldm")
     T = noise_scheduler.config.num_train_timesteps
-    for x0 in loader:
+    for batch in loader:
+        x0, labels = batch if conditional else (batch, None)
         x0 = x0.to(accelerator.device, non_blocking=True)
+        if labels is not None:  # classifier-free guidance: some labels become the null class
+            labels = labels.to(accelerator.device)
+            dropped = torch.rand(labels.shape, device=labels.device) < cfg.class_dropout
+            labels = torch.where(dropped, torch.full_like(labels, num_classes), labels)
         noise = torch.randn_like(x0)
         if cfg.objective == "flow":  # rectified flow: x_t = (1 - s) x0 + s noise, predict noise - x0
             sigma = torch.rand(x0.shape[0], device=x0.device)
@@ -227,7 +274,7 @@ def _train(cfg: LDMConfig) -> Path:
             noisy = noise_scheduler.add_noise(x0, noise, t)
             target = noise if cfg.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, t)
         with accelerator.autocast():
-            pred = unet(noisy, t).sample
+            pred = unet(noisy, t, class_labels=labels).sample
         loss = F.mse_loss(pred.float(), target.float())
         accelerator.backward(loss)
         if cfg.max_grad_norm > 0:

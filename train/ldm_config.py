@@ -52,6 +52,11 @@ class LDMConfig:
     keep_checkpoints: int = 2
     log_every: int = 50
     resume: bool = False
+    # Class-conditional when the latents carry labels (`vae-codec compress --labels folders`, or
+    # .cls side data): "auto", "yes" (labels required) or "no" (ignore them).
+    class_conditional: str = "auto"
+    class_dropout: float = 0.1  # share of labels replaced by the null class (classifier-free guidance)
+    guidance_scale: float = 3.0  # at sampling: uncond + scale * (cond - uncond); 1 = no guidance
 
 
 def load_ldm_config(path=None, overrides=()) -> LDMConfig:
@@ -63,10 +68,13 @@ def validate_ldm(cfg: LDMConfig) -> None:
         "objective": (cfg.objective, ("ddpm", "flow")),
         "prediction_type": (cfg.prediction_type, ("epsilon", "v_prediction")),
         "mixed_precision": (cfg.mixed_precision, ("auto", "bf16", "fp16", "no")),
+        "class_conditional": (cfg.class_conditional, ("auto", "yes", "no")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ValueError(f"{key}: unknown {value!r}; choose from {list(allowed)}")
+    if not 0 <= cfg.class_dropout < 1:
+        raise ValueError(f"class_dropout must be in [0, 1), got {cfg.class_dropout}")
     if not cfg.data.latents:
         raise ValueError("data.latents is empty: set it to a folder made by `vae-codec compress`")
     for key in ("batch_size", "max_steps", "checkpoint_every", "keep_checkpoints", "sample_steps",
