@@ -108,3 +108,49 @@ def test_latents_without_side_data_have_no_conditioning_fields(codec_dir, tmp_pa
     assert compress(codec_dir, tmp_path / "plain", tmp_path / "lat") == 0
     item = LatentDataset(tmp_path / "lat")[0]
     assert not {"label", "caption", "meta"} & set(item) and LatentDataset(tmp_path / "lat").classes is None
+
+
+# ------------------------------------------------------------------------- buckets
+def test_buckets_cover_the_budget_and_pick_the_closest_ratio():
+    from codec.latents.buckets import make_buckets, nearest_bucket
+
+    buckets = make_buckets(256, 64)
+    assert (256, 256) in buckets and all(h * w <= 256 * 256 and h % 64 == w % 64 == 0 for h, w in buckets)
+    assert all(max(h / w, w / h) <= 4 for h, w in buckets) and (128, 512) in buckets and (512, 128) in buckets
+    assert nearest_bucket(321, 481, buckets) == (192, 320)  # BSDS500 landscape, 1.50 -> 1.67
+    assert nearest_bucket(481, 321, buckets) == (320, 192)
+    assert nearest_bucket(500, 500, buckets) == (256, 256)
+    with pytest.raises(ValueError, match="smaller than one 64x64 bucket"):
+        make_buckets(32, 64)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        make_buckets(256, 60)
+
+
+def test_bucketed_compress_and_one_bucket_per_batch_split_across_ranks(codec_dir, tmp_path):
+    src = tmp_path / "mixed"
+    src.mkdir()
+    for i in range(6):
+        img = photo(i)
+        (img if i % 2 else img.transpose(Image.Transpose.ROTATE_90)).save(src / f"{i}.jpg")  # wide and tall
+    Image.fromarray(smooth_image(9, 64, 64)).save(src / "square.png")
+    out = tmp_path / "lat"
+    assert main(["compress", "--codec", str(codec_dir), "--input", str(src), "--output", str(out), "--buckets",
+                 "64", "--bucket-step", "16", "--num-workers", "0", "--no-progress"]) == 0
+    ds = LatentDataset(out)
+    shapes = ds.indices_by_shape()
+    assert len(shapes) == 3 and (4, 8, 8) in shapes  # wide, tall and square buckets: latents (4, h/8, w/8)
+    assert all(h * w <= 8 * 8 for _, h, w in shapes)
+    wide = next(s for s in shapes if s[2] > s[1])
+    assert len(shapes[wide]) == 3 and ds.get(shapes[wide][0])["latents"].shape == wide
+    per_rank = [ds.bucket_batches(1, seed=0, rank=r, world=2) for r in range(2)]
+    for epoch in range(2):
+        batches = []
+        for sampler in per_rank:
+            sampler.set_epoch(epoch)
+            batches.append(list(sampler))
+        assert len(batches[0]) == len(batches[1]) == 3  # 7 batches of 1, cut to 6 for 2 ranks
+        assert not {i for b in batches[0] for i in b} & {i for b in batches[1] for i in b}
+    two = list(ds.bucket_batches(2, seed=0))
+    assert all(len({tuple(ds.get(i)["latents"].shape) for i in b}) == 1 for b in two)  # one shape per batch
+    assert main(["compress", "--codec", str(codec_dir), "--input", str(src), "--output", str(tmp_path / "x"),
+                 "--buckets", "64", "--resolution", "64"]) == 2

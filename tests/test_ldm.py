@@ -186,3 +186,29 @@ def test_class_conditional_training_guidance_and_per_class_samples(labelled_late
 def test_class_conditional_yes_needs_labels(latents, tmp_path):
     with pytest.raises(ValueError, match="holds no labels"):
         main(args(tmp_path / "x", latents, "max_steps=1", "class_conditional=yes"))
+
+
+def test_bucketed_latents_train_one_shape_per_batch_and_resume_exactly(tmp_path):
+    from conftest import SHARED_DATA, smooth_image
+
+    src = tmp_path / "mixed"
+    src.mkdir()
+    files = sorted((SHARED_DATA / "bsds500" / "train").glob("*.jpg"))[:12]
+    for i in range(12):
+        img = Image.open(files[i]).convert("RGB") if files else Image.fromarray(smooth_image(i, 48, 72))
+        (img if i % 2 else img.transpose(Image.Transpose.ROTATE_90)).save(src / f"{i}.png")
+    torch.manual_seed(0)
+    codec_dir = Codec(build_autoencoder("test"), device="cpu").save_pretrained(tmp_path / "codec")
+    lat = tmp_path / "lat"
+    assert cli(["compress", "--codec", str(codec_dir), "--input", str(src), "--output", str(lat), "--buckets", "96",
+                "--bucket-step", "32", "--num-workers", "0", "--no-progress"]) == 0
+    assert len(LatentStream(lat, 0, False).shapes) == 2  # wide and tall buckets
+    extra = ("batch_size=2", "max_steps=6", "model.block_out_channels=[16,32]")
+    assert main(args(tmp_path / "whole", lat, *extra[:2], *extra[2:])) == 0
+    assert main(args(tmp_path / "cut", lat, "batch_size=2", "max_steps=3", extra[2])) == 0
+    assert main(args(tmp_path / "cut", lat, *extra, "resume=true")) == 0
+    a, b = unet_weights(tmp_path / "whole"), unet_weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    bad = ("batch_size=2", "max_steps=1", "model.block_out_channels=[16,32,32,32,32]", "model.attention_levels=1")
+    with pytest.raises(ValueError, match="not multiples of 16"):  # 64x128 px buckets: latents of 8 and 16
+        main(args(tmp_path / "deep", lat, *bad))

@@ -44,13 +44,8 @@ class LatentStream(Dataset):
 
         self.data = LatentDataset(path, sample=False, flip=False)  # we draw samples and flips, reproducibly
         self.seed, self.fresh = seed, fresh_samples
-        shapes = self.data.indices_by_shape()
-        if len(shapes) != 1:
-            raise ValueError(
-                f"{path}: latents of {len(shapes)} shapes ({sorted(shapes)[:4]}...); a batch needs "
-                "one shape: compress with --resolution N"
-            )
-        (self.shape,) = shapes
+        self.shapes = self.data.indices_by_shape()  # several: aspect-ratio buckets (compress --buckets)
+        self.shape = max(self.shapes, key=lambda s: len(self.shapes[s]))  # the commonest: the UNet's sample_size
         self.has_std = "std" in self.data.shards[0]["tensors"]
         # Class labels (compress --labels folders, or .cls side data): label i of num_classes;
         # rows without one, and dropped labels, take the null class num_classes.
@@ -76,6 +71,29 @@ class LatentStream(Dataset):
         if not self.with_labels:
             return latents
         return latents, self.num_classes if item.get("label") is None else item["label"]
+
+
+class BucketKeys(torch.utils.data.Sampler):
+    """Bucketed batches (:class:`codec.latents.buckets.BucketBatchSampler`) as ``(index, epoch)``
+    keys, run from a position over epochs like :class:`train.data.EpochSampler` (exact resume)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+        self.epoch, self.skip, self.count = 0, 0, 0
+
+    def set_position(self, epoch: int, skip_batches: int, count_batches: int) -> None:
+        self.epoch, self.skip, self.count = epoch, skip_batches, count_batches
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        epoch, skip, left = self.epoch, self.skip, self.count
+        while left > 0:
+            for batch in self.batches.epoch_batches(epoch)[skip : skip + left]:
+                yield [(i, epoch) for i in batch]
+                left -= 1
+            epoch, skip = epoch + 1, 0
 
 
 def build_unet(cfg: LDMConfig, shape: tuple[int, ...], num_classes: int = 0):
@@ -165,8 +183,18 @@ def _train(cfg: LDMConfig) -> Path:
     is_main = accelerator.is_main_process
 
     data = LatentStream(cfg.data.latents, cfg.seed, cfg.data.fresh_samples)
-    sampler = EpochSampler(len(data), cfg.seed, accelerator.process_index, accelerator.num_processes, cfg.batch_size)
-    batches_per_epoch = sampler.per_epoch // cfg.batch_size
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if len(data.shapes) > 1:  # buckets: one shape per batch (every size must pass the UNet's downsamplings)
+        factor = 2 ** (len(cfg.model.block_out_channels) - 1)
+        odd = [s for s in data.shapes if s[1] % factor or s[2] % factor]
+        if odd:
+            raise ValueError(f"{cfg.data.latents}: latent shapes {odd} are not multiples of {factor} (the UNet's "
+                             f"downsampling); compress with a --bucket-step that is a multiple of {8 * factor}")
+        sampler = BucketKeys(data.data.bucket_batches(cfg.batch_size, cfg.seed, rank, world))
+        batches_per_epoch = len(sampler.batches)
+    else:
+        sampler = EpochSampler(len(data), cfg.seed, rank, world, cfg.batch_size)
+        batches_per_epoch = sampler.per_epoch // cfg.batch_size
     if batches_per_epoch < 1:
         raise ValueError(
             f"{len(data)} latents are too few for batch_size {cfg.batch_size} on "
@@ -200,7 +228,7 @@ def _train(cfg: LDMConfig) -> Path:
         # The codec that made the latents (checked by weight hash and factors) decodes samples.
         codec = codec_of_latents(data.data.job, cfg.data.codec, device=accelerator.device)
         items = [data[(i, 0)] for i in range(min(len(data), 64))]
-        probe = torch.stack([x[0] if isinstance(x, tuple) else x for x in items])
+        probe = torch.cat([(x[0] if isinstance(x, tuple) else x).flatten() for x in items])  # buckets differ
         print(
             f"training UNet2DModel ({sum(p.numel() for p in raw.parameters()) / 1e6:.2f} M "
             f"parameters) on {len(data)} latents {tuple(data.shape)} "
@@ -248,12 +276,14 @@ def _train(cfg: LDMConfig) -> Path:
 
     # ---------------------------------------------------------------- the loop
     epoch, skip = divmod(state.step, batches_per_epoch)
-    sampler.set_position(epoch, skip * cfg.batch_size, max(cfg.max_steps - state.step, 0) * cfg.batch_size)
-    loader = DataLoader(
-        data, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
-        drop_last=True, pin_memory=accelerator.device.type == "cuda",
-        generator=torch.Generator().manual_seed(cfg.seed + state.step),  # see train.loop
-    )
+    options = dict(num_workers=cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda",
+                   generator=torch.Generator().manual_seed(cfg.seed + state.step))  # see train.loop
+    if isinstance(sampler, BucketKeys):
+        sampler.set_position(epoch, skip, max(cfg.max_steps - state.step, 0))
+        loader = DataLoader(data, batch_sampler=sampler, **options)
+    else:
+        sampler.set_position(epoch, skip * cfg.batch_size, max(cfg.max_steps - state.step, 0) * cfg.batch_size)
+        loader = DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **options)
     unet.train()
     progress = tqdm(total=cfg.max_steps, initial=state.step, disable=not is_main, desc="train.ldm")
     T = noise_scheduler.config.num_train_timesteps

@@ -46,6 +46,10 @@ def register(sub) -> None:
     p.add_argument("--labels", default="auto", choices=["auto", "folders"],
                    help="auto: class labels from .cls / .json side data where present; folders: the first "
                         "folder under --input is the class (class_name/image.jpg)")
+    p.add_argument("--buckets", type=int, default=None, metavar="SIDE",
+                   help="aspect-ratio buckets of about SIDE² pixels (e.g. 256, 1024): each image is resized to "
+                        "the bucket closest to its aspect ratio and centre-cropped; shards group by bucket")
+    p.add_argument("--bucket-step", type=int, default=64, help="bucket sides are multiples of this")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_compress)
 
@@ -92,7 +96,8 @@ def cmd_compress(args) -> int:
         args.codec, args.input, args.output, resolution=args.resolution, store=args.store,
         latent_dtype=args.latent_dtype, shard_size=args.shard_size, batch_size=args.batch_size,
         num_workers=args.num_workers, device=args.device, dtype=args.dtype, seed=args.seed,
-        progress=not args.no_progress, flip=args.flip, labels=args.labels,
+        progress=not args.no_progress, flip=args.flip, labels=args.labels, buckets=args.buckets,
+        bucket_step=args.bucket_step,
     )
     return 0
 

@@ -33,6 +33,7 @@ from codec.factors import scale_latents, scale_std
 from codec.images import IMAGE_EXTENSIONS, save_image
 from codec.io import read_metadata
 from codec.latents import shards as sh
+from codec.latents.buckets import make_buckets
 from codec.latents.conditioning import folder_classes, orphans, read_metadata_jsonl
 from codec.latents.inputs import ImageInputs, as_list, list_inputs
 from codec.models import load_autoencoder
@@ -104,6 +105,8 @@ def compress(
     progress: bool = True,
     flip: bool = False,
     labels: str = "auto",
+    buckets: int | None = None,
+    bucket_step: int = 64,
 ) -> dict | None:
     """Encode every image of ``source`` into shards under ``output``; returns the manifest's
     summary on the main process (None on the others). See the module docstring."""
@@ -119,6 +122,9 @@ def compress(
         raise ValueError(
             f"--resolution must be a positive multiple of {DOWNSAMPLE}, got {resolution}"
         )
+    if buckets is not None and resolution is not None:
+        raise ValueError("--buckets and --resolution exclude each other (buckets choose each image's size)")
+    bucket_sizes = make_buckets(buckets, bucket_step) if buckets is not None else None
     if labels not in ("auto", "folders"):
         raise ValueError(f"unknown labels {labels!r}; choose from ['auto', 'folders']")
     if shard_size < 1 or seed < 0:
@@ -143,6 +149,7 @@ def compress(
             "resolution": resolution, "store": store, "latent_dtype": latent_dtype,
             "compute_dtype": dtype, "shard_size": shard_size, "seed": seed,
             **({"flip": True} if flip else {}),  # absent when off: jobs written before --flip still match
+            **({"buckets": {"budget": buckets, "step": bucket_step}} if buckets is not None else {}),
         },
         # --labels folders: the class list (label i is classes[i]), in the job so a rerun with
         # other classes is another job
@@ -167,7 +174,7 @@ def compress(
     ]
 
     loader = DataLoader(
-        ImageInputs(inputs, indices, resolution), batch_size=batch_size, num_workers=num_workers,
+        ImageInputs(inputs, indices, resolution, bucket_sizes), batch_size=batch_size, num_workers=num_workers,
         collate_fn=as_list, prefetch_factor=4 if num_workers else None,
     )
     storage = sh.LATENT_DTYPES[latent_dtype]

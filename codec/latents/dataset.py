@@ -116,6 +116,14 @@ class LatentDataset(Dataset):
         item["latents"] = mean + std * torch.randn_like(mean) if self.sample else mean
         return item
 
+    def bucket_batches(self, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1):
+        """A batch sampler of one latent shape (bucket) per batch, shuffled per epoch
+        (``.set_epoch(e)``) and split across ``world`` processes: ``DataLoader(ds,
+        batch_sampler=ds.bucket_batches(32, rank=r, world=w))``."""
+        from codec.latents.buckets import BucketBatchSampler
+
+        return BucketBatchSampler(self, batch_size, seed, rank, world)
+
     def indices_by_shape(self) -> dict[tuple[int, ...], list[int]]:
         """Latent shape -> dataset indices, for batches of one shape (native-size jobs)."""
         groups: dict[tuple[int, ...], list[int]] = {}

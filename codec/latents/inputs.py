@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from codec.codec import DOWNSAMPLE
 from codec.images import IMAGE_EXTENSIONS, ImageLoadError, list_images, load_image
+from codec.latents.buckets import fit_bucket
 from codec.latents.conditioning import (
     SIDE_EXTENSIONS,
     Side,
@@ -123,12 +124,17 @@ def read_input(item: Input) -> Image.Image:
     return load_image(io.BytesIO(data), name=item.key)
 
 
-def fit(img: Image.Image, resolution: int | None) -> tuple[torch.Tensor, list[int], list[int]]:
+def fit(img: Image.Image, resolution: int | None, buckets: list | None = None
+        ) -> tuple[torch.Tensor, list[int], list[int]]:
     """RGB image -> ((3, h, w) uint8 tensor, original [h, w], crop top-left [top, left]).
 
-    The crop's corner is in the resized image (what SDXL-style size conditioning wants).
+    The crop's corner is in the resized image (what SDXL-style size conditioning wants). With
+    ``buckets`` the image goes to its aspect-ratio bucket (:mod:`codec.latents.buckets`).
     """
     w, h = img.size
+    if buckets:
+        crop, corner = fit_bucket(img, buckets)
+        return torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1), [h, w], corner
     if resolution:
         scale = resolution / min(w, h)
         nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
@@ -150,8 +156,8 @@ def fit(img: Image.Image, resolution: int | None) -> tuple[torch.Tensor, list[in
 class ImageInputs(Dataset):
     """Decoded, fitted images of ``inputs[indices]``; a bad file gives an item with ``error``."""
 
-    def __init__(self, inputs: list[Input], indices: list[int], resolution: int | None):
-        self.inputs, self.indices, self.resolution = inputs, indices, resolution
+    def __init__(self, inputs: list[Input], indices: list[int], resolution: int | None, buckets: list | None = None):
+        self.inputs, self.indices, self.resolution, self.buckets = inputs, indices, resolution, buckets
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -160,7 +166,7 @@ class ImageInputs(Dataset):
         index = self.indices[i]
         item = {"index": index, "image": None, "error": None}
         try:
-            image, size, crop = fit(read_input(self.inputs[index]), self.resolution)
+            image, size, crop = fit(read_input(self.inputs[index]), self.resolution, self.buckets)
         except ImageLoadError as exc:
             item["error"] = str(exc)
             return item
