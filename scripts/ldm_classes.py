@@ -34,7 +34,8 @@ def write_digits(npz: Path, folder: Path, per_class: int, size: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--codec", required=True)
+    parser.add_argument("--codec", default=None, help="the codec to compress with (required unless --only-digits)")
+    parser.add_argument("--only-digits", action="store_true", help="write the digit folders and stop (to train a codec)")
     parser.add_argument("--mnist", default=str(REPO.parent / "shared" / "data" / "mnist" / "mnist.npz"))
     parser.add_argument("--work", default="/tmp/ldm-classes")
     parser.add_argument("--per-class", type=int, default=200)
@@ -43,6 +44,11 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(args.work)
     write_digits(Path(args.mnist), work / "digits", args.per_class, args.size)
+    if args.only_digits:
+        print(f"digits written to {work / 'digits'}")
+        return
+    if args.codec is None:
+        parser.error("--codec is required (or --only-digits)")
     t0 = time.perf_counter()
     assert vae_codec(["compress", "--codec", args.codec, "--input", str(work / "digits"), "--output",
                       str(work / "latents"), "--resolution", str(args.size), "--store", "mean_std",
