@@ -35,7 +35,8 @@ def write_digits(npz: Path, folder: Path, per_class: int, size: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--codec", default=None, help="the codec to compress with (required unless --only-digits)")
-    parser.add_argument("--only-digits", action="store_true", help="write the digit folders and stop (to train a codec)")
+    parser.add_argument("--only-digits", action="store_true",
+                        help="write the digit folders and stop (to train a codec on them)")
     parser.add_argument("--mnist", default=str(REPO.parent / "shared" / "data" / "mnist" / "mnist.npz"))
     parser.add_argument("--work", default="/tmp/ldm-classes")
     parser.add_argument("--per-class", type=int, default=200)
