@@ -57,6 +57,8 @@ def test_class_folders_captions_and_metadata_reach_the_dataset(codec_dir, classe
     assert items["cats/0.jpg"]["caption"] == "a sleepy cat" and items["cats/1.jpg"]["caption"] is None
     assert items["dogs/0.jpg"]["caption"] == "a wet dog" and items["dogs/0.jpg"]["meta"]["year"] == 2020
     assert items["dogs/1.jpg"]["meta"] == {"caption": "a dog in the snow", "photographer": "kim"}
+    summary = sh.load_manifest(out)["summary"]  # images without a caption are kept, and counted
+    assert (summary["with_label"], summary["with_caption"], summary["with_meta"]) == (4, 3, 2)
     orphans = {o["key"] for o in sh.load_manifest(out)["orphans"]}
     assert orphans == {"cats/lost.txt", "metadata.jsonl: birds/9.jpg"}
     assert main(["verify", str(out)]) == 0

@@ -293,6 +293,9 @@ def compress(
         f"{s['shards']} shards, {s['bytes'] / 1e6:.2f} MB, latent shapes {s['latent_shapes']}; "
         f"{len(pending)} of {num_chunks} chunks encoded by this run ({world} process(es))"
     )
+    if "with_label" in s:
+        print(f"  conditioning: {s['with_label']} with a label, {s['with_caption']} with a caption, "
+              f"{s['with_meta']} with JSON meta (of {s['encoded']} encoded)")
     if manifest["orphans"]:
         print(f"  {len(manifest['orphans'])} side file(s) or metadata row(s) without an image, listed as "
               f"'orphans' in {out / sh.MANIFEST_FILE}")

@@ -244,6 +244,10 @@ def merge_manifest(out: Path, job: dict, num_chunks: int, orphans: list[dict] | 
         "bytes": sum(s["bytes"] for s in shards),
         "latent_shapes": shapes,
     }
+    counts = {f"with_{field[:-1]}": sum(v is not None for sh in shards for v in sh.get(field, []))
+              for field in CONDITIONING_ROWS}
+    if any(counts.values()):  # how many rows have each kind (an image without its caption is kept, counted)
+        manifest["summary"].update(counts)
     manifest["shards"] = shards
     manifest["skipped"] = sorted(skipped, key=lambda s: s["key"])
     manifest["orphans"] = orphans or []  # side data without an image (not inputs, so not in skipped)
