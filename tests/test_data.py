@@ -175,7 +175,7 @@ def test_resized_crops_take_a_share_of_the_short_side(tmp_path):
 
 # ------------------------------------------------------------------------- Hugging Face datasets
 def hf_dataset(photos, corrupt: str | None = None):
-    datasets = pytest.importorskip("datasets")
+    import datasets
     rows = {"image": [{"bytes": b"garbage" if n == corrupt else b, "path": None} for n, b in sorted(photos.items())],
             "label": list(range(len(photos)))}
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
@@ -201,7 +201,8 @@ def test_a_saved_hugging_face_dataset_gives_the_crops_of_the_same_images(tmp_pat
 
 
 def test_hugging_face_bad_rows_splits_and_columns(tmp_path, photos):
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     from train.data import gather_images
 
     hf_dataset(photos, corrupt="002.png").save_to_disk(str(tmp_path / "hf"))

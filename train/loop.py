@@ -206,8 +206,7 @@ def optimiser_step(run: Run, logs: dict, nonfinite: bool, disc_on: bool) -> None
         groups = [(run.opt_g, run.trainable, learning_rate(cfg, step, run.base_lr))]
         if disc_on:
             groups.append((run.opt_d, list(run.disc.parameters()), learning_rate(cfg, step, run.base_disc_lr)))
-        logged = (step + 1) % cfg.log_every == 0 or step == 0  # see log_step
-        norm = step_optimisers(acc, groups, cfg.optim.max_grad_norm, measure=logged)
+        norm = step_optimisers(acc, groups, cfg.optim.max_grad_norm, measure=is_logged(cfg, step + 1))
         if norm is not None:
             logs["grad_norm"] = norm
         if run.ema is not None:
@@ -220,9 +219,14 @@ def optimiser_step(run: Run, logs: dict, nonfinite: bool, disc_on: bool) -> None
         run.opt_d.zero_grad(set_to_none=True)
 
 
+def is_logged(cfg: TrainConfig, step: int) -> bool:
+    """Whether the step that brings the count to ``step`` is logged: the first, and every log_every-th."""
+    return step == 1 or step % cfg.log_every == 0
+
+
 def log_step(run: Run, logs: dict, progress) -> None:
     cfg, step = run.cfg, run.state.step
-    if step % cfg.log_every and step != 1:
+    if not is_logged(cfg, step):
         return
     logs["lr"] = run.opt_g.param_groups[0]["lr"]
     logs["nonfinite_steps"] = run.guard.total

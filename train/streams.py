@@ -31,15 +31,13 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from codec.images import IMAGE_EXTENSIONS, ImageLoadError, load_image
-from train.data import TooSmall
+from train.data import TooSmall, is_hf_dataset
 
 STREAM_PREFIXES = ("http://", "https://", "pipe:", "s3://", "gs://")
 
 
 def is_stream(source: str | os.PathLike, streaming: bool = False) -> bool:
     """A source read as a stream: a URL or ``pipe:``, or a Hugging Face dataset with streaming."""
-    from train.data import is_hf_dataset  # late: train.data builds streams through this module
-
     return str(source).startswith(STREAM_PREFIXES) or (streaming and is_hf_dataset(source))
 
 

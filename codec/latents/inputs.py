@@ -132,25 +132,19 @@ def fit(img: Image.Image, resolution: int | None, buckets: list | None = None
     ``buckets`` the image goes to its aspect-ratio bucket (:mod:`codec.latents.buckets`).
     """
     w, h = img.size
+    buckets = buckets or ([(resolution, resolution)] if resolution else None)  # --resolution: one square bucket
     if buckets:
         crop, corner = fit_bucket(img, buckets)
-        return torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1), [h, w], corner
-    if resolution:
-        scale = resolution / min(w, h)
-        nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-        if (nw, nh) != (w, h):
-            img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-        th = tw = resolution
     else:
         if w < DOWNSAMPLE or h < DOWNSAMPLE:
             raise ImageLoadError(
                 f"{w}x{h} is smaller than {DOWNSAMPLE}x{DOWNSAMPLE} pixels; "
                 "pass --resolution to upscale it"
             )
-        nw, nh, th, tw = w, h, h - h % DOWNSAMPLE, w - w % DOWNSAMPLE
-    top, left = (nh - th) // 2, (nw - tw) // 2
-    arr = np.asarray(img.crop((left, top, left + tw, top + th)), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1), [h, w], [top, left]
+        corner = [h % DOWNSAMPLE // 2, w % DOWNSAMPLE // 2]
+        crop = img.crop((corner[1], corner[0], corner[1] + w - w % DOWNSAMPLE, corner[0] + h - h % DOWNSAMPLE))
+    arr = np.asarray(crop, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1), [h, w], corner
 
 
 class ImageInputs(Dataset):
