@@ -13,6 +13,7 @@ The model itself never applies the factors; they live in the folder's ``config.j
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from diffusers import AutoencoderKL
 from codec import single_file
 from codec.factors import scale_latents, unscale_latents
 from codec.images import tensor_to_pil, to_batch
-from codec.io import META_FILE, is_mlp_vae, read_metadata
+from codec.io import META_FILE, is_autoencoder_tiny, is_mlp_vae, read_metadata
 from codec.models import load_autoencoder
 from codec.precision import run_checked
 from codec.tiling import DEFAULT_METHOD, check_method, split_tile_size, tiled_decode, tiled_encode
@@ -163,9 +164,12 @@ class Codec:
                 chunk = chunk.contiguous(memory_format=torch.channels_last)
             yield chunk
 
-    def _encode_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(mean, logvar); logvar None for a deterministic encoder (AutoencoderTiny)."""
         if self.tile_size:
             return tiled_encode(self.vae, x, self.tile_size, self.tile_overlap, self.tile_method, self.name)
+        if is_autoencoder_tiny(self.vae):
+            return self.vae.encode(x).latents, None
         dist = self.vae.encode(x).latent_dist
         return dist.mean, dist.logvar
 
@@ -176,13 +180,17 @@ class Codec:
 
     @torch.no_grad()
     def posterior(self, images, pad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unscaled posterior ``(mean, logvar)``, each (B, 4, H/8, W/8) float32 ((B, D) for MLPVAE)."""
+        """Unscaled posterior ``(mean, logvar)``, each (B, 4, H/8, W/8) float32 ((B, D) for MLPVAE).
+
+        A deterministic encoder (AutoencoderTiny) has a point posterior: ``logvar`` is -inf, so
+        its standard deviation is 0 and a "sample" is the latent itself.
+        """
         x, _ = self._prepare(images, pad)
         means, logvars = [], []
         for chunk in self._batches(x):
             mean, logvar = run_checked(self, self._encode_batch, chunk, "encode")
             means.append(mean.float().cpu())
-            logvars.append(logvar.float().cpu())
+            logvars.append(torch.full_like(means[-1], -math.inf) if logvar is None else logvar.float().cpu())
         return torch.cat(means), torch.cat(logvars)
 
     def encode(

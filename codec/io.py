@@ -4,7 +4,7 @@ A codec is a diffusers folder (``config.json`` + ``diffusion_pytorch_model.safet
 our ``vae_codec.json`` metadata), a pipeline folder with ``vae/``, or a single CompVis/LDM-layout
 ``.safetensors`` whose header carries the metadata. Loading the weights is
 :func:`codec.models.load_autoencoder`; this module answers the questions asked before or beside
-that: what is the config, what is the metadata, is it the vanilla MLP VAE.
+that: what is the config, what is the metadata, is it the vanilla MLP VAE or an AutoencoderTiny.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from codec.single_file import META_KEY, is_single_file, read_header
 CONFIG_FILE = "config.json"
 META_FILE = "vae_codec.json"
 MLP_CLASS = "MLPVAE"  # config.json "_class_name" of the vanilla VAE baseline (codec.baseline)
+TINY_CLASS = "AutoencoderTiny"  # TAESD-style preview codecs (train.distill students)
 
 
 class CodecLoadError(ValueError):
@@ -73,3 +74,14 @@ def is_mlp_vae(source) -> bool:
     from codec.baseline.mlp_vae import MLPVAE  # late: the baseline imports the core, not back
 
     return isinstance(source, MLPVAE)
+
+
+def is_autoencoder_tiny(source) -> bool:
+    """Whether ``source`` (a codec path, a loaded model or a config) is a diffusers
+    ``AutoencoderTiny``: deterministic latents (no posterior), no GroupNorm, no exact tiling."""
+    if isinstance(source, (str, os.PathLike)):
+        config = read_config(source)
+        return config is not None and config.get("_class_name") == TINY_CLASS
+    if isinstance(source, dict):
+        return source.get("_class_name") == TINY_CLASS
+    return type(source).__name__ == TINY_CLASS

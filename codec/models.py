@@ -12,7 +12,7 @@ from pathlib import Path
 
 from diffusers import AutoencoderKL
 
-from codec.io import CodecLoadError, is_mlp_vae
+from codec.io import CodecLoadError, is_autoencoder_tiny, is_mlp_vae
 
 # Shared by every preset: the kl-f8 topology of Stable Diffusion.
 _KL_F8 = dict(
@@ -65,6 +65,31 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# AutoencoderTiny students (train.distill): name -> AutoencoderTiny kwargs. Their latents are the
+# teacher's scaled ones, so scaling_factor stays 1 and shift 0 (TAESD's convention).
+STUDENT_PRESETS: dict[str, dict] = {
+    # TAESD's own shape (diffusers' defaults, 2.4 M parameters): for Stable Diffusion-sized teachers.
+    "taesd": dict(encoder_block_out_channels=(64, 64, 64, 64), decoder_block_out_channels=(64, 64, 64, 64),
+                  num_encoder_blocks=(1, 3, 3, 3), num_decoder_blocks=(3, 3, 3, 1)),
+    # Half the width and fewer blocks: a preview decoder for the CPU-sized `tiny` teacher.
+    "taesd-small": dict(encoder_block_out_channels=(32, 32, 32, 32), decoder_block_out_channels=(32, 32, 32, 32),
+                        num_encoder_blocks=(1, 2, 2, 2), num_decoder_blocks=(2, 2, 2, 1)),
+    # Unit tests only.
+    "test": dict(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                 num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1)),
+}
+
+
+def build_student(preset: str, latent_channels: int = 4):
+    """A freshly initialised diffusers ``AutoencoderTiny`` of a named student preset."""
+    from diffusers import AutoencoderTiny
+
+    if preset not in STUDENT_PRESETS:
+        raise ValueError(f"unknown student preset {preset!r}; choose from {sorted(STUDENT_PRESETS)}")
+    return AutoencoderTiny(**STUDENT_PRESETS[preset], latent_channels=latent_channels,
+                           scaling_factor=1.0, shift_factor=0.0)
+
+
 def build_autoencoder(preset: str) -> AutoencoderKL:
     """A freshly initialised ``AutoencoderKL`` of a named preset."""
     if preset not in PRESETS:
@@ -77,7 +102,8 @@ def load_autoencoder(path: str | os.PathLike, subfolder: str | None = None) -> A
 
     A Stable Diffusion pipeline folder works too: its VAE is found in the ``vae`` subfolder,
     and so does a single-file ``.safetensors`` in the CompVis/LDM layout (:mod:`codec.single_file`).
-    A folder whose config names ``MLPVAE`` (the vanilla VAE baseline) loads as that class.
+    A folder whose config names ``MLPVAE`` (the vanilla VAE baseline) or ``AutoencoderTiny``
+    (a TAESD-style preview codec, e.g. from ``python -m train.distill``) loads as that class.
     Weights are read from safetensors only (never unpickled); a malformed ``config.json`` or
     weights file raises :class:`CodecLoadError` naming it.
     """
@@ -101,6 +127,10 @@ def load_autoencoder(path: str | os.PathLike, subfolder: str | None = None) -> A
             from codec.baseline.mlp_vae import MLPVAE
 
             return MLPVAE.from_pretrained(str(path), subfolder=subfolder, use_safetensors=True)
+        if is_autoencoder_tiny(local):
+            from diffusers import AutoencoderTiny
+
+            return AutoencoderTiny.from_pretrained(str(path), subfolder=subfolder, use_safetensors=True)
         return AutoencoderKL.from_pretrained(str(path), subfolder=subfolder, use_safetensors=True)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise CodecLoadError(f"{path}: cannot load the codec ({type(exc).__name__}: {exc})") from exc

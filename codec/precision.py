@@ -21,7 +21,7 @@ class PrecisionFallbackWarning(UserWarning):
 
 def all_finite(result) -> bool:
     parts = result if isinstance(result, (tuple, list)) else (result,)
-    return all(bool(torch.isfinite(p).all()) for p in parts)
+    return all(bool(torch.isfinite(p).all()) for p in parts if p is not None)
 
 
 def run_checked(codec, fn: Callable[[torch.Tensor], object], chunk: torch.Tensor, what: str):

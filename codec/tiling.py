@@ -38,6 +38,7 @@ from torch import nn
 
 from codec import streaming
 from codec.groupnorm import TileNorms
+from codec.io import is_autoencoder_tiny
 
 DOWNSAMPLE = 8
 METHODS = ("exact", "stats", "blend")
@@ -225,6 +226,14 @@ def _exact_or_fallback(vae, part: nn.Module, latent_hw, batch: int, dtype, name:
     return "exact"
 
 
+def _tiny_blends(part: nn.Module, method: str, what: str) -> str:
+    """An AutoencoderTiny has no GroupNorm to share: its tiles can only be blended."""
+    if method != "blend":
+        warn_once(part, f"tiled {what}: an AutoencoderTiny has no GroupNorm statistics to share, so "
+                       f"tile_method {method!r} cannot apply; using overlap-and-blend tiles")
+    return "blend"
+
+
 def tiled_decode(vae, z: torch.Tensor, tile_size: int, overlap: int | None = None,
                  method: str = DEFAULT_METHOD, name: str = "codec") -> torch.Tensor:
     """Unscaled latents (B, C, h, w) -> images (B, 3, 8h, 8w) float32 on the CPU, tiled."""
@@ -235,6 +244,8 @@ def tiled_decode(vae, z: torch.Tensor, tile_size: int, overlap: int | None = Non
     if h <= tile and w <= tile:  # fits in one tile: the untiled run
         return out.copy_(vae.decode(z).sample)
     what = f"decoding with {name}"
+    if is_autoencoder_tiny(vae):
+        method = _tiny_blends(vae.decoder, method, what)
     if method == "exact":
         method = _exact_or_fallback(vae, vae.decoder, (h, w), b, z.dtype, what)
     if method == "exact":
@@ -244,14 +255,21 @@ def tiled_decode(vae, z: torch.Tensor, tile_size: int, overlap: int | None = Non
 
 
 def tiled_encode(vae, x: torch.Tensor, tile_size: int, overlap: int | None = None,
-                 method: str = DEFAULT_METHOD, name: str = "codec") -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (B, 3, H, W) -> unscaled posterior (mean, logvar), each (B, C, H/8, W/8) float32 CPU."""
+                 method: str = DEFAULT_METHOD, name: str = "codec") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images (B, 3, H, W) -> unscaled posterior (mean, logvar), each (B, C, H/8, W/8) float32 CPU
+    (logvar None for an AutoencoderTiny, whose latents are deterministic)."""
     check_method(method)
     b, _, hh, ww = x.shape
     h, w = hh // DOWNSAMPLE, ww // DOWNSAMPLE
     c = vae.config.latent_channels
     tile, _ = split_tile_size(tile_size, overlap)
     what = f"encoding with {name}"
+    if is_autoencoder_tiny(vae):  # deterministic latents: a point posterior (logvar -inf)
+        if h > tile or w > tile:
+            _tiny_blends(vae.encoder, method, what)
+        out = torch.empty(b, c, h, w)
+        run_tiled(lambda t: vae.encode(t).latents, vae.encoder, x, (h, w), out, tile_size, overlap, "blend", name=what)
+        return out, None
     if method == "exact" and (h > tile or w > tile):
         method = _exact_or_fallback(vae, vae.encoder, (h, w), b, x.dtype, what)
     if method == "exact":  # (or one tile: the untiled run)

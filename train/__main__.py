@@ -9,9 +9,9 @@ from codec.launch import relaunch_if_needed
 from train.config import load_config, validate
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m train") -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m train",
+        prog=prog,
         description="Train a kl-f8 autoencoder (KL + reconstruction + LPIPS [+ PatchGAN]) under accelerate.",
     )
     parser.add_argument("config", nargs="?", help="YAML file overriding the defaults (configs/*.yaml)")

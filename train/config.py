@@ -19,7 +19,9 @@ import yaml
 
 @dataclass
 class ModelConfig:
-    kind: str = "kl-f8"  # "kl-f8" (AutoencoderKL) or "mlp-vae" (the vanilla VAE baseline, section mlp)
+    # "kl-f8" (AutoencoderKL), "mlp-vae" (the vanilla VAE baseline, section mlp) or
+    # "autoencoder-tiny" (a TAESD-style student distilled from a teacher, section distill)
+    kind: str = "kl-f8"
     preset: str = "tiny"  # see codec.models.PRESETS
     init_from: str | None = None  # a diffusers AutoencoderKL folder to fine-tune instead
     train_decoder_only: bool = False  # freeze the encoder (the sd-vae-ft-mse recipe)
@@ -45,6 +47,21 @@ class MLPConfig:
     kl_anneal_cycles: int = 4
     kl_anneal_ratio: float = 0.5  # cyclical: fraction of each cycle spent rising
     free_bits: float = 0.0  # nats per latent dimension (batch mean) below which KL is not pushed
+
+
+@dataclass
+class DistillConfig:
+    """An ``AutoencoderTiny`` student of an ``AutoencoderKL`` teacher (``python -m train.distill``).
+
+    The student's latent space is the teacher's *scaled* latents (what ``Codec.encode`` and
+    pipelines give, e.g. z * 0.18215): its encoder matches them, its decoder turns them into the
+    teacher's decoding of them. Its own scaling_factor is 1 and shift 0, like TAESD's.
+    """
+
+    teacher: str | None = None  # an AutoencoderKL folder (ours or diffusers), pipeline folder or single file
+    student: str = "taesd"  # codec.models.STUDENT_PRESETS; model.init_from continues an AutoencoderTiny
+    train: str = "both"  # "both", "encoder" (decoder frozen) or "decoder" (encoder frozen)
+    latent_weight: float = 1.0  # weight of the encoder's mean squared error to the teacher's latents
 
 
 @dataclass
@@ -104,6 +121,7 @@ class OptimConfig:
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     mlp: MLPConfig = field(default_factory=MLPConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -228,7 +246,8 @@ def validate(cfg: TrainConfig) -> None:
         "data.crop_mode": (cfg.data.crop_mode, ("native", "resized")),
         "optim.schedule": (cfg.optim.schedule, ("constant", "cosine")),
         "mixed_precision": (cfg.mixed_precision, ("auto", "bf16", "fp16", "no")),
-        "model.kind": (cfg.model.kind, ("kl-f8", "mlp-vae")),
+        "model.kind": (cfg.model.kind, ("autoencoder-tiny", "kl-f8", "mlp-vae")),
+        "distill.train": (cfg.distill.train, ("both", "decoder", "encoder")),
         "mlp.likelihood": (cfg.mlp.likelihood, ("bernoulli", "gaussian")),
         "mlp.kl_anneal": (cfg.mlp.kl_anneal, ("cyclical", "linear", "none")),
     }
@@ -271,5 +290,25 @@ def validate(cfg: TrainConfig) -> None:
                 f"data.val with model.kind mlp-vae: set data.val_crop={cfg.mlp.image_size} "
                 f"(the MLP's fixed image size), got {cfg.data.val_crop}"
             )
+    if cfg.model.kind == "autoencoder-tiny":
+        validate_student(cfg)
     if len(cfg.optim.betas) != 2:
         raise ValueError(f"optim.betas must have two values, got {cfg.optim.betas}")
+
+
+def validate_student(cfg: TrainConfig) -> None:
+    """``model.kind: autoencoder-tiny``: what a distilled student can and cannot take."""
+    if not cfg.distill.teacher:
+        raise ValueError("model.kind autoencoder-tiny needs distill.teacher: an AutoencoderKL folder or file")
+    unsupported = {
+        "loss.learn_logvar": cfg.loss.learn_logvar,  # no posterior, no Gaussian likelihood
+        "model.train_decoder_only": cfg.model.train_decoder_only,  # distill.train=decoder says it
+        # diffusers' EncoderTiny skips its [-1, 1] -> [0, 1] input rescale under checkpointing
+        "model.gradient_checkpointing": cfg.model.gradient_checkpointing,
+        "loss.disc_weight with distill.train=encoder": cfg.loss.disc_weight > 0 and cfg.distill.train == "encoder",
+    }
+    bad = [k for k, on in unsupported.items() if on]
+    if bad:
+        raise ValueError(f"model.kind autoencoder-tiny: {bad} do not apply to a distilled student; unset them")
+    if cfg.distill.latent_weight < 0:
+        raise ValueError(f"distill.latent_weight must be >= 0, got {cfg.distill.latent_weight}")

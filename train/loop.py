@@ -31,7 +31,6 @@ from tqdm.auto import tqdm
 
 from codec.codec import Codec
 from codec.evaluation.metrics import LPIPSMetric, evaluate_pairs, summarize
-from codec.factors import factors_from_stats
 from codec.images import make_grid_image
 from codec.latents.scale import measure_dataset
 from codec.models import count_parameters
@@ -166,7 +165,7 @@ def build_run(cfg: TrainConfig, accelerator: Accelerator, resume_from: Path | No
         cfg=cfg, accelerator=accelerator, recipe=recipe, model=model, raw_vae=raw_vae, gen_loss=gen_loss,
         opt_g=opt_g, trainable=trainable, base_lr=base_lr, disc=disc,
         raw_disc=accelerator.unwrap_model(disc) if disc is not None else None, opt_d=opt_d,
-        base_disc_lr=base_disc_lr, last_layer=raw_vae.decoder.conv_out.weight if disc is not None else None,
+        base_disc_lr=base_disc_lr, last_layer=recipe.last_layer(raw_vae) if disc is not None else None,
         ema=ema, guard=NonFiniteGuard(cfg.max_nonfinite_steps), out=Path(cfg.output_dir),
     )
     return run, dataset, collate_fn
@@ -258,16 +257,18 @@ def eval_codec(run: Run) -> Codec:
 
 def export_codec(run: Run, dataset: Dataset, folder: Path) -> None:
     codec = eval_codec(run)
-    if run.recipe.measures_factors:  # as `vae-codec scale` measures: a seeded sample of the whole set
-        images = (Listed(dataset.head(run.cfg.scale_samples)) if isinstance(dataset, IterableDataset)
-                  else ScaleCrops(dataset))
-        factors = measure_dataset(codec, images, run.cfg.scale_samples, seed=run.cfg.seed)
-        factors.pop("skipped")  # training crops never fail (bad files are replaced and recorded)
-    else:
-        factors = {"scaling_factor": 1.0, "note": "not measured: conditional VAE"}
-    codec.set_factors(**factors_from_stats(factors, "scale"))
+    stats = run.recipe.export_factors(codec, lambda: measure_training_latents(run, codec, dataset))
     codec.save_pretrained(folder, meta={"step": run.state.step, "ema": run.ema is not None,
-                                        "latent_stats": factors, "train_config": to_dict(run.cfg)})
+                                        "latent_stats": stats, "train_config": to_dict(run.cfg)})
+
+
+def measure_training_latents(run: Run, codec: Codec, dataset: Dataset) -> dict:
+    """Latent statistics as `vae-codec scale` measures them: a seeded sample of the whole set."""
+    images = (Listed(dataset.head(run.cfg.scale_samples)) if isinstance(dataset, IterableDataset)
+              else ScaleCrops(dataset))
+    stats = measure_dataset(codec, images, run.cfg.scale_samples, seed=run.cfg.seed)
+    stats.pop("skipped")  # training crops never fail (bad files are replaced and recorded)
+    return stats
 
 
 def save_checkpoint(run: Run, dataset: Dataset) -> Path:
@@ -344,7 +345,7 @@ def _train(cfg: TrainConfig) -> Path:
             x = run.recipe.inputs(batch, accelerator.device)
             with accelerator.accumulate(run.model, *([run.disc] if run.disc is not None else [])):
                 recon, logs, bad = generator_step(run, x, batch)
-                disc_on, bad_d = discriminator_step(run, x, recon, logs)
+                disc_on, bad_d = discriminator_step(run, run.recipe.real_images(x, batch), recon, logs)
                 nonfinite |= bad or bad_d
                 if accelerator.sync_gradients:
                     over_time = cfg.max_minutes > 0 and time.monotonic() - start > cfg.max_minutes * 60

@@ -25,6 +25,7 @@ from codec.baseline.elbo import kl_weight, targets, terms_from, training_loss
 from codec.baseline.mlp_vae import MLPVAE
 from train.config import TrainConfig
 from train.data import CropDataset, gather_images
+from train.recipes import measured_scale
 
 
 def build_mlp_vae(cfg: TrainConfig) -> MLPVAE:
@@ -126,8 +127,6 @@ class MLPRecipe:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.elbo = ELBOLoss(cfg)
-        # Codec encodes without labels; a conditional VAE's latents are N(0, I) by its KL.
-        self.measures_factors = not cfg.mlp.conditional
 
     def describe(self) -> str:
         return self.cfg.model.init_from or self.cfg.model.kind
@@ -152,6 +151,15 @@ class MLPRecipe:
         params, posterior = run.model(x, labels)  # params: the decoder's distribution parameters
         loss, logs = self.elbo(run.raw_vae, x, params, posterior, run.state.step)
         return params, loss, logs
+
+    def real_images(self, x: torch.Tensor, batch: dict) -> torch.Tensor:
+        return x  # (no discriminator for the MLP VAE: train.config.validate)
+
+    def export_factors(self, codec, measure) -> dict:
+        if self.cfg.mlp.conditional:  # Codec encodes without labels; its latents are N(0, I) by its KL
+            codec.set_factors(scaling_factor=1.0)
+            return {"scaling_factor": 1.0, "note": "not measured: conditional VAE"}
+        return measured_scale(codec, measure)
 
     def shown(self, raw_vae: MLPVAE, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return raw_vae.mean_image(params[:4].detach().float()).mul(2).sub(1).view_as(x[:4])

@@ -3,7 +3,8 @@
 
 * :class:`KLF8Recipe`: the convolutional kl-f8 ``AutoencoderKL`` on random crops, trained with
   reconstruction + LPIPS + KL (+ PatchGAN, whose step the loop adds when enabled);
-* :class:`train.mlp_recipe.MLPRecipe`: the vanilla VAE baseline and its ELBO.
+* :class:`train.mlp_recipe.MLPRecipe`: the vanilla VAE baseline and its ELBO;
+* :class:`train.distill.DistillRecipe`: an ``AutoencoderTiny`` student of a teacher codec.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from diffusers import AutoencoderKL
 from torch import nn
 
 from codec.evaluation.lpips_weights import load_lpips
+from codec.factors import factors_from_stats
 from codec.models import build_autoencoder, load_autoencoder
 from train.config import TrainConfig
 from train.data import CropDataset, Cropper, collate, gather_images
@@ -33,8 +35,6 @@ class Autoencoder(nn.Module):
 
 
 class KLF8Recipe:
-    measures_factors = True  # the export measures scaling_factor on training crops
-
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
 
@@ -73,9 +73,28 @@ class KLF8Recipe:
             loss, logs = run.gen_loss(x, recon, posterior, run.state.step, run.raw_disc, run.last_layer)
         return recon, loss, logs
 
+    def real_images(self, x: torch.Tensor, batch: dict) -> torch.Tensor:
+        """What the discriminator is shown as real: the training images."""
+        return x
+
+    def last_layer(self, raw_vae) -> torch.Tensor:
+        """The weight the adaptive GAN weight balances gradients at: the decoder's last conv."""
+        return raw_vae.decoder.conv_out.weight
+
     def shown(self, raw_vae, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Reconstructions as images for the logged grid."""
         return recon[:4]
+
+    def export_factors(self, codec, measure) -> dict:
+        return measured_scale(codec, measure)
+
+
+def measured_scale(codec, measure) -> dict:
+    """Set an exported codec's scaling_factor from its training latents (``measure()``, see
+    ``train.loop.measure_training_latents``); returns the statistics kept in its metadata."""
+    stats = measure()
+    codec.set_factors(**factors_from_stats(stats, "scale"))
+    return stats
 
 
 def recipe_for(cfg: TrainConfig):
@@ -83,6 +102,10 @@ def recipe_for(cfg: TrainConfig):
         from train.mlp_recipe import MLPRecipe
 
         return MLPRecipe(cfg)
+    if cfg.model.kind == "autoencoder-tiny":
+        from train.distill import DistillRecipe
+
+        return DistillRecipe(cfg)
     return KLF8Recipe(cfg)
 
 

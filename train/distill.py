@@ -1,0 +1,197 @@
+"""``python -m train.distill CONFIG``: distil a TAESD-style ``AutoencoderTiny`` preview codec from
+any ``AutoencoderKL`` teacher (ours, a diffusers folder, a pipeline folder or a single file).
+
+The student lives in the teacher's *scaled* latent space, the latents ``Codec.encode`` and
+diffusers pipelines hand to a diffusion model:
+
+* its encoder learns ``E_s(x) ≈ scale(mean of q_teacher(z|x))``  (mean squared error, weight
+  ``distill.latent_weight``);
+* its decoder learns ``D_s(l) ≈ D_teacher(unscale(l))`` for those teacher latents ``l``: pixel
+  (``loss.reconstruction``) + ``loss.perceptual_weight`` · LPIPS, plus the PatchGAN term with its
+  adaptive weight when ``loss.disc_weight`` > 0; the discriminator's "real" images are the
+  teacher's decodings.
+
+It runs in the training loop of ``python -m train`` (:mod:`train.loop`: accelerate, accumulation,
+checkpoints, resume, EMA, validation) through :class:`DistillRecipe`. The export is a diffusers
+``AutoencoderTiny`` folder with ``scaling_factor`` 1 and ``shift_factor`` 0, so pipelines and
+``vae-codec decode --codec STUDENT`` decode latents the teacher made. ``distill.train`` picks
+what learns: ``both``, ``decoder`` (the preview decoder alone) or ``encoder``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from torch import nn
+
+from codec.factors import scale_latents, unscale_latents
+from codec.io import is_autoencoder_tiny
+from codec.models import build_student, load_autoencoder
+from train.config import TrainConfig
+from train.losses import adaptive_weight, disc_factor
+from train.recipes import KLF8Recipe, frozen
+
+# The student decoder soft-clamps its input to ±3 (tanh(x / 3) * 3): teacher latents far wider
+# than unit spread would be squashed.
+UNNORMALISED_STD = 2.0
+
+
+def load_teacher(path: str) -> AutoencoderKL:
+    """The teacher, frozen in eval mode; anything but an AutoencoderKL is refused."""
+    teacher = load_autoencoder(path)
+    if not isinstance(teacher, AutoencoderKL):
+        raise ValueError(f"distill.teacher {path}: a {type(teacher).__name__}, not an AutoencoderKL; "
+                         "students learn from KL autoencoders (ours or diffusers')")
+    return teacher.eval().requires_grad_(False)
+
+
+class Student(nn.Module):
+    """The student's trained parts in one forward call (for DDP): its encoder on the images and
+    its decoder on the teacher's latents, each only where ``distill.train`` trains it."""
+
+    def __init__(self, vae, parts: str):
+        super().__init__()
+        self.vae, self.parts = vae, parts
+
+    def forward(self, x: torch.Tensor, teacher_latents: torch.Tensor):
+        latents = self.vae.encode(x).latents if self.parts in ("both", "encoder") else None
+        decoded = self.vae.decode(teacher_latents).sample if self.parts in ("both", "decoder") else None
+        return latents, decoded
+
+
+class DistillRecipe(KLF8Recipe):
+    """``model.kind: autoencoder-tiny`` for the training loop (see :mod:`train.recipes`): the
+    same crops and LPIPS as kl-f8, another network, loss and export."""
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(cfg)
+        self.teacher = load_teacher(cfg.distill.teacher)
+        self.parts = cfg.distill.train
+        self.checked_spread = False
+
+    def describe(self) -> str:
+        d = self.cfg.distill
+        start = self.cfg.model.init_from or f"preset {d.student}"
+        return f"AutoencoderTiny student ({start}, trains {d.train}) of {d.teacher}"
+
+    def build_vae(self):
+        channels = self.teacher.config.latent_channels
+        if self.cfg.model.init_from:
+            vae = load_autoencoder(self.cfg.model.init_from)
+            if not is_autoencoder_tiny(vae):
+                raise ValueError(f"model.init_from {self.cfg.model.init_from}: a {type(vae).__name__}, "
+                                 "not an AutoencoderTiny student")
+        else:
+            vae = build_student(self.cfg.distill.student, channels)
+        if vae.config.latent_channels != channels:
+            raise ValueError(f"the student has {vae.config.latent_channels} latent channels, the teacher "
+                             f"{self.cfg.distill.teacher} has {channels}: they must match")
+        frozen_part = {"encoder": vae.decoder, "decoder": vae.encoder}.get(self.parts)
+        if frozen_part is not None:
+            frozen_part.requires_grad_(False)
+        return vae
+
+    def wrap(self, vae) -> nn.Module:
+        return Student(vae, self.parts)
+
+    def last_layer(self, raw_vae) -> torch.Tensor:
+        return raw_vae.decoder.layers[-1].weight  # DecoderTiny's last conv (then only x * 2 - 1)
+
+    @torch.no_grad()
+    def targets(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(teacher's scaled latents, teacher's decoding of them) for a batch; the decoding only
+        where the student's decoder trains."""
+        teacher = self.teacher.to(x.device)
+        mean = teacher.encode(x).latent_dist.mean  # Codec.encode's latents: the posterior mean
+        latents = scale_latents(mean.float(), teacher.config)
+        self.check_spread(latents)
+        decoded = teacher.decode(mean).sample if self.parts != "encoder" else None
+        return latents, decoded
+
+    def check_spread(self, latents: torch.Tensor) -> None:
+        if self.checked_spread:
+            return
+        self.checked_spread = True
+        std = float(latents.float().std())
+        if std > UNNORMALISED_STD:
+            warnings.warn(f"the teacher's scaled latents have std {std:.2f}: the student's decoder squashes "
+                          "inputs beyond ±3, so set the teacher's factors first (`vae-codec scale`)",
+                          RuntimeWarning, stacklevel=2)
+
+    def loss(self, run, x: torch.Tensor, batch: dict):
+        """(what is shown, loss, logs): latent matching and/or the decoder's reconstruction."""
+        cfg = self.cfg.loss
+        teacher_latents, teacher_images = self.targets(x)
+        batch["teacher_images"] = teacher_images  # the discriminator's real images (real_images)
+        latents, decoded = run.model(x, teacher_latents)
+        loss = x.new_zeros(())
+        logs = {}
+        if latents is not None:
+            latent_mse = F.mse_loss(latents.float(), teacher_latents)
+            loss = loss + self.cfg.distill.latent_weight * latent_mse
+            logs["latent_mse"] = latent_mse.item()
+        if decoded is None:  # encoder only: the grid shows the teacher decoding the student's latents
+            logs.update(rec=logs["latent_mse"], loss=loss.item())
+            return latents, loss, logs
+        decoded, target = decoded.float(), teacher_images.float()
+        pixel = (decoded - target).abs() if cfg.reconstruction == "l1" else (decoded - target).pow(2)
+        rec = pixel.mean()
+        logs["rec"] = rec.item()
+        if run.gen_loss.lpips is not None and cfg.perceptual_weight > 0 and run.state.step >= cfg.perceptual_start:
+            p = run.gen_loss.lpips(target, decoded).mean()
+            rec = rec + cfg.perceptual_weight * p
+            logs["lpips"] = p.item()
+        loss = loss + rec
+        factor = disc_factor(cfg, run.state.step)
+        if run.raw_disc is not None and factor > 0:
+            with frozen(run.raw_disc):
+                g_loss = -run.raw_disc(decoded).mean()
+                d_weight = adaptive_weight(rec, g_loss, run.last_layer) * cfg.disc_weight
+            loss = loss + d_weight * factor * g_loss
+            logs.update(g_loss=g_loss.item(), d_weight=d_weight.item())
+        logs["loss"] = loss.item()
+        return decoded, loss, logs
+
+    def real_images(self, x: torch.Tensor, batch: dict) -> torch.Tensor:
+        return batch["teacher_images"]
+
+    @torch.no_grad()
+    def shown(self, raw_vae, shown: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.parts == "encoder":  # student latents, seen through the teacher's decoder
+            return self.teacher.decode(unscale_latents(shown[:4].float(), self.teacher.config)).sample
+        return shown[:4]
+
+    def export_factors(self, codec, measure) -> dict:
+        """Nothing to measure: the student's latents are the teacher's scaled ones (scaling_factor
+        1, shift 0 as built); the metadata says whose."""
+        t = self.teacher.config
+        return {"latent_space": "the teacher's scaled latents", "teacher": self.cfg.distill.teacher,
+                "teacher_factors": {k: t.get(k) for k in ("scaling_factor", "shift_factor", "latents_mean",
+                                                          "latents_std")}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m train`` with ``model.kind`` set to ``autoencoder-tiny`` (after the config file
+    and the other ``--set`` options, so a distillation config cannot train something else)."""
+    from train.__main__ import main as train_main
+
+    parser = argparse.ArgumentParser(
+        prog="python -m train.distill",
+        description="Distil an AutoencoderTiny (TAESD-style) preview codec from an AutoencoderKL teacher.",
+    )
+    parser.add_argument("config", nargs="?", help="YAML file overriding the defaults (configs/distill-*.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting, e.g. --set distill.teacher=runs/tiny/codec")
+    args = parser.parse_args(argv)
+    overrides = [*args.overrides, "model.kind=autoencoder-tiny"]
+    return train_main(([args.config] if args.config else []) + [f"--set={o}" for o in overrides],
+                      prog="python -m train.distill")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
