@@ -102,6 +102,11 @@ class LossConfig:
     disc_factor: float = 1.0
     disc_layers: int = 3
     disc_channels: int = 64
+    # EQ-VAE (codec.equivariance): each step also decodes τ(z) for a random τ of the list and
+    # adds weight x the reconstruction term of τ(x) against it (0 disables; LPIPS joins it where
+    # τ(x) is at least 32 px on a side).
+    equivariance_weight: float = 0.0
+    equivariance_transforms: list[str] = field(default_factory=lambda: ["down2", "down4", "rot90"])
 
 
 @dataclass
@@ -292,6 +297,17 @@ def validate(cfg: TrainConfig) -> None:
             )
     if cfg.model.kind == "autoencoder-tiny":
         validate_student(cfg)
+    if cfg.loss.equivariance_weight < 0:
+        raise ValueError(f"loss.equivariance_weight must be >= 0, got {cfg.loss.equivariance_weight}")
+    if cfg.loss.equivariance_weight > 0:
+        if cfg.model.kind != "kl-f8":
+            raise ValueError(f"loss.equivariance_weight applies to kl-f8 codecs, not model.kind {cfg.model.kind}")
+        from codec.equivariance import check_transforms  # late: only equivariance runs wait for torch
+
+        latent = cfg.data.crop_size // 8
+        if not cfg.loss.equivariance_transforms:
+            raise ValueError("loss.equivariance_transforms is empty; name at least one transform")
+        check_transforms(cfg.loss.equivariance_transforms, (latent, latent), "loss.equivariance_transforms")
     if len(cfg.optim.betas) != 2:
         raise ValueError(f"optim.betas must have two values, got {cfg.optim.betas}")
 

@@ -7,6 +7,8 @@
     D    = ½ (mean relu(1 - D(x)) + mean relu(1 + D(x̂.detach())))           (hinge)
     d_weight = ‖∇_L nll‖ / (‖∇_L g‖ + 1e-4), clamped to [0, 1e4], × disc_weight,
                L = the decoder's last conv weight; only computed once the discriminator is on.
+    EQ     = the rec term of (τ(x), D(τ(z))) per image (EQ-VAE; :meth:`GeneratorLoss.reconstruction`),
+             added × equivariance_weight by the kl-f8 recipe.
 
 Every function returns ``(loss, logs)`` with plain floats in ``logs``.
 """
@@ -18,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.config import LossConfig
+
+LPIPS_MIN_SIDE = 32  # smaller images are too small for LPIPS-AlexNet's pooling (VGG takes 16)
 
 
 class LogVar(nn.Module):
@@ -83,6 +87,20 @@ class GeneratorLoss:
         logs["disc_factor"] = factor
         logs["loss"] = loss.item()
         return loss, logs
+
+
+    def reconstruction(self, x: torch.Tensor, recon: torch.Tensor, step: int, per_image: int) -> torch.Tensor:
+        """The pixel + LPIPS term for another pair (EQ-VAE's τ(x) and D(τ(z))), summed per image
+        like ``nll`` as if it had ``per_image`` elements, so that both weigh alike whatever the
+        transform's size (logvar is left out: it is 0 unless learned). LPIPS joins where the pair
+        is at least ``LPIPS_MIN_SIDE`` pixels on a side (AlexNet's pooling needs that much)."""
+        cfg = self.cfg
+        x, recon = x.float(), recon.float()
+        rec = (x - recon).abs() if cfg.reconstruction == "l1" else (x - recon).pow(2)
+        big_enough = min(x.shape[-2:]) >= LPIPS_MIN_SIDE
+        if self.lpips is not None and cfg.perceptual_weight > 0 and step >= cfg.perceptual_start and big_enough:
+            rec = rec + cfg.perceptual_weight * self.lpips(x, recon)
+        return rec.mean() * per_image
 
 
 def disc_factor(cfg: LossConfig, step: int) -> float:

@@ -13,6 +13,7 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
+from codec import equivariance
 from codec.evaluation.lpips_weights import load_lpips
 from codec.factors import factors_from_stats
 from codec.models import build_autoencoder, load_autoencoder
@@ -28,10 +29,13 @@ class Autoencoder(nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, transform: str | None = None):
+        """(reconstruction, posterior, decoding of transform(z) or None) for EQ-VAE."""
         posterior = self.vae.encode(x).latent_dist  # (B, 2*4, H/8, W/8) -> mean, logvar
-        recon = self.vae.decode(posterior.sample()).sample  # sampled z, as in the LDM recipe
-        return recon, posterior
+        z = posterior.sample()  # sampled z, as in the LDM recipe
+        recon = self.vae.decode(z).sample
+        transformed = self.vae.decode(equivariance.apply(transform, z)).sample if transform else None
+        return recon, posterior, transformed
 
 
 class KLF8Recipe:
@@ -66,12 +70,25 @@ class KLF8Recipe:
 
     def loss(self, run, x: torch.Tensor, batch: dict):
         """(reconstruction, loss, logs) of the generator phase, under autocast."""
-        recon, posterior = run.model(x)
+        transform = self.pick_transform()
+        recon, posterior, transformed = run.model(x, transform)
         # The discriminator judges x̂ here with its own weights frozen: its plain module is used
         # because no discriminator gradient may be produced now.
         with frozen(run.raw_disc):
             loss, logs = run.gen_loss(x, recon, posterior, run.state.step, run.raw_disc, run.last_layer)
+        if transformed is not None:  # EQ-VAE: D(τ(z)) should be τ(x)
+            eq = run.gen_loss.reconstruction(equivariance.apply(transform, x), transformed, run.state.step,
+                                             per_image=x[0].numel())
+            loss = loss + self.cfg.loss.equivariance_weight * eq
+            logs.update(equivariance=eq.item(), loss=loss.item())
         return recon, loss, logs
+
+    def pick_transform(self) -> str | None:
+        """EQ-VAE's τ of this step, drawn from the training RNG (resumed with it); None when off."""
+        names = self.cfg.loss.equivariance_transforms
+        if self.cfg.loss.equivariance_weight <= 0:
+            return None
+        return names[int(torch.randint(len(names), ()))]
 
     def real_images(self, x: torch.Tensor, batch: dict) -> torch.Tensor:
         """What the discriminator is shown as real: the training images."""

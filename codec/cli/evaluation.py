@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from codec.baseline.arrays import is_array_source
+from codec.equivariance import DEFAULT_TRANSFORMS, TRANSFORMS
 from codec.evaluation.evaluate import evaluate, summary_table
 from codec.io import is_mlp_vae
 
@@ -24,6 +25,9 @@ def register(sub) -> None:
     p.add_argument("--worst", type=int, default=4, help="how many worst images (by PSNR) to show")
     p.add_argument("--crop", type=int, default=128, help="side of the picture crops, in pixels")
     p.add_argument("--no-classical", action="store_true", help="leave out the JPEG and WebP references")
+    p.add_argument("--transforms", default=",".join(DEFAULT_TRANSFORMS),
+                   help="comma-separated transforms of the latent-space measures (equivariance error; "
+                        f"from {', '.join(TRANSFORMS)}), or 'none' to leave the measures out")
     # The vanilla VAE baseline (MLPVAE codecs) is evaluated as in the VAE literature (vae_eval).
     p.add_argument("--nll-samples", type=int, default=None,
                    help="MLP VAE codecs: importance samples k for log p(x) (Burda et al. use 5000; 0: ELBO only)")
@@ -52,7 +56,8 @@ def cmd_eval(args) -> int:
                          "(kl-f8 codecs have no tractable log p(x) here)")
     report = evaluate(args.codec, args.data, args.out, device=args.device, dtype=args.dtype,
                       limit=args.limit, worst=args.worst, crop_size=args.crop,
-                      classical=not args.no_classical)
+                      classical=not args.no_classical,
+                      transforms=[] if args.transforms == "none" else args.transforms.split(","))
     print(summary_table(report))
     for notice in report["notices"]:
         print(f"note: {notice}")

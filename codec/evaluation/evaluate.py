@@ -5,7 +5,9 @@ AutoencoderTiny folder) plus JPEG and WebP at the latents' rate, on an image fol
 resolution, writes to ``--out``:
 
 * ``metrics.json``: per codec, mean/std of PSNR, SSIM, MS-SSIM, LPIPS (AlexNet, VGG), bits per
-  pixel, rFID (when Inception can be loaded), latent statistics and cost;
+  pixel, rFID (when Inception can be loaded), latent statistics, latent-space measures
+  (equivariance error under ``transforms`` and the high-frequency share of the latents'
+  spectrum, :mod:`codec.equivariance`) and cost;
 * ``per_image.csv``: one row per (image, codec);
 * ``comparison.png`` (worst images of the first codec, crops side by side) and
   ``latents_*.png`` (latent histograms);
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from codec.equivariance import DEFAULT_TRANSFORMS, LatentMeasures, check_transforms
 from codec.evaluation.cost import PeakMemory
 from codec.evaluation.fid import make_rfid
 from codec.evaluation.figures import (
@@ -62,11 +65,13 @@ def _labels(paths: list[str]) -> list[str]:
 
 def evaluate(codecs: list[str], data: str, out: str, device: str | None = None,
              dtype: str = "fp32", limit: int = 0, worst: int = 4, crop_size: int = 128,
-             classical: bool = True) -> dict:
+             classical: bool = True, transforms: list[str] | None = DEFAULT_TRANSFORMS) -> dict:
     """Evaluate ``codecs`` (+ JPEG/WebP) on ``data``; write everything to ``out``; return the
-    report (what ``metrics.json`` holds)."""
+    report (what ``metrics.json`` holds). ``transforms``: those of the equivariance measures
+    (empty or None: no latent-space measures)."""
     if worst < 0 or crop_size < 8:
         raise ValueError(f"--worst must be >= 0 and --crop >= 8, got {worst} and {crop_size}")
+    check_transforms(transforms or [], where="--transforms")
     files = list_images(data)[: limit or None]
     out = Path(out)
     learned = [LearnedCodec(p, device=device, dtype=dtype) for p in codecs]
@@ -103,7 +108,7 @@ def evaluate(codecs: list[str], data: str, out: str, device: str | None = None,
     while i < len(subjects):  # grows: the classical references join after the first codec
         name, subject = subjects[i]
         res = _run_subject(subject, good, lpips, rfid, crop_size,
-                           None if i == 0 else {j: windows[j] for j in picks})
+                           None if i == 0 else {j: windows[j] for j in picks}, transforms)
         results[name] = res["summary"]
         rows += [{"codec": name, **r} for r in res["rows"]]
         if res["hist"] is not None:
@@ -139,7 +144,7 @@ def evaluate(codecs: list[str], data: str, out: str, device: str | None = None,
     return report
 
 
-def _run_subject(subject, good, lpips, rfid, crop_size, windows) -> dict:
+def _run_subject(subject, good, lpips, rfid, crop_size, windows, transforms=None) -> dict:
     """One codec over every image: metrics per image, latent statistics, cost, crops.
 
     ``windows`` is None for the first codec (it finds the worst window of every image, and its
@@ -148,6 +153,7 @@ def _run_subject(subject, good, lpips, rfid, crop_size, windows) -> dict:
     """
     rows, crops, found = [], {}, {}
     stats = LatentStats() if subject.learned else None
+    space = LatentMeasures(transforms) if subject.learned and transforms else None
     memory = PeakMemory(subject.device)
     enc_s = dec_s = 0.0
     timed = pixels = 0
@@ -162,6 +168,8 @@ def _run_subject(subject, good, lpips, rfid, crop_size, windows) -> dict:
         m = image_metrics(x, rec.image, lpips["alex"], lpips["vgg"])
         if stats is not None:
             stats.update(rec.latents, rec.mean, rec.logvar)
+        if space is not None:
+            space.update(subject.encode_latents, subject.decode_latents, x, rec.latents)
         if rfid is not None:
             if not rfid.real_done:
                 rfid.add_real(x)
@@ -180,7 +188,8 @@ def _run_subject(subject, good, lpips, rfid, crop_size, windows) -> dict:
     if stats is not None:
         latents = {**stats.result(), "scaling_factor": subject.scaling_factor,
                    "shift_factor": subject.shift_factor,
-                   "posterior": "mean" if subject.kind == "AutoencoderKL" else "deterministic"}
+                   "posterior": "mean" if subject.kind == "AutoencoderKL" else "deterministic",
+                   "space": space.result() if space is not None else None}
     summary = {
         "path": subject.path, "kind": subject.kind, "learned": subject.learned,
         "bpp": summarize(bpps),
@@ -274,6 +283,20 @@ def summary_table(report: dict) -> str:
         cells = [name, f"{r['bpp']['mean']:.3f}"] + [f"{m[k]['mean']:.4f}" for k in IMAGE_METRICS] + [
             "-" if c[k] is None else f"{c[k]:.2f}" for k in ("encode_images_per_s", "decode_images_per_s")]
         lines.append(cells)
+    table = _fixed_width(head, lines)
+    spaces = {name: r["latents"]["space"] for name, r in report["codecs"].items()
+              if r.get("latents") and r["latents"].get("space")}
+    if not spaces:
+        return table
+    names = list(next(iter(spaces.values()))["transforms"])
+    head = ["codec", "HF share"] + [f"eq err {t}" for t in names] + [f"PSNR {t}" for t in names]
+    lines = [[name, f"{sp['high_frequency_share']:.4f}"]
+             + [f"{sp['transforms'][t]['latent_error']:.4f}" for t in names]
+             + [f"{sp['transforms'][t]['decoded_psnr']:.2f}" for t in names] for name, sp in spaces.items()]
+    return table + "\n\nlatent space (codec.equivariance):\n" + _fixed_width(head, lines)
+
+
+def _fixed_width(head: list[str], lines: list[list[str]]) -> str:
     width = [max(len(x) for x in col) for col in zip(head, *lines)]
     fmt = lambda row: "  ".join(x.ljust(w) for x, w in zip(row, width))  # noqa: E731
     return "\n".join([fmt(head)] + [fmt(r) for r in lines])

@@ -91,6 +91,20 @@ class LearnedCodec:
         self.shift_factor = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
 
     @torch.no_grad()
+    def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> scaled latents (the posterior mean for KL autoencoders), on the CPU."""
+        if self.codec is not None:
+            return self.codec.encode(x)
+        return scale_latents(self.vae.encode(x.to(self.device, self.dtype)).latents.float().cpu(), self.vae.config)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.codec is not None:
+            return self.codec.decode(latents)
+        z = unscale_latents(latents, self.vae.config).to(self.device, self.dtype)
+        return self.vae.decode(z).sample.float().cpu()
+
+    @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> Reconstruction:
         h, w = x.shape[-2:]
         mean = logvar = None

@@ -105,7 +105,8 @@ def _latents(report: dict, histograms: dict) -> str:
             f"{lat['shift_factor']:.5f}</td></tr>"
             f"<tr><td class='name'>per-channel mean</td><td>{means}</td></tr>"
             f"<tr><td class='name'>per-channel std</td><td>{stds}</td></tr>"
-            f"<tr><td class='name'>KL to N(0, I) per latent element</td><td>{kl}</td></tr></table>")
+            f"<tr><td class='name'>KL to N(0, I) per latent element</td><td>{kl}</td></tr>"
+            f"{_space_rows(lat.get('space'))}</table>")
         if name in histograms:
             parts.append(f"<img alt='latent histogram of {escape(name)}' src='{histograms[name]}'>")
     if not parts:
@@ -113,6 +114,18 @@ def _latents(report: dict, histograms: dict) -> str:
     return ("<h2>Latent statistics</h2><p class='meta'>Scaled latents (posterior mean), as a "
             "diffusion model would see them: close to mean 0 and std 1 is what diffusion "
             "schedules assume.</p>" + "".join(parts))
+
+
+def _space_rows(space: dict | None) -> str:
+    """Latent-space measures (codec.equivariance) as table rows."""
+    if not space:
+        return ""
+    rows = [f"<tr><td class='name'>spectral energy above {space['high_frequency_cutoff']:g} × Nyquist</td>"
+            f"<td>{_num(space['high_frequency_share'])}</td></tr>"]
+    for name, t in space["transforms"].items():
+        rows.append(f"<tr><td class='name'>{escape(name)}: equivariance error / PSNR of D(τ E(x))</td>"
+                    f"<td>{_num(t['latent_error'])} / {_num(t['decoded_psnr'], 2)} dB</td></tr>")
+    return "".join(rows)
 
 
 def _figure(src: str, caption: str, size: int) -> str:
