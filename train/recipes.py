@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL
 from torch import nn
@@ -70,7 +71,7 @@ class KLF8Recipe:
 
     def loss(self, run, x: torch.Tensor, batch: dict):
         """(reconstruction, loss, logs) of the generator phase, under autocast."""
-        transform = self.pick_transform()
+        transform = self.pick_transform(run.state.step, run.accelerator.process_index)
         recon, posterior, transformed = run.model(x, transform)
         # The discriminator judges x̂ here with its own weights frozen: its plain module is used
         # because no discriminator gradient may be produced now.
@@ -83,12 +84,13 @@ class KLF8Recipe:
             logs.update(equivariance=eq.item(), loss=loss.item())
         return recon, loss, logs
 
-    def pick_transform(self) -> str | None:
-        """EQ-VAE's τ of this step, drawn from the training RNG (resumed with it); None when off."""
+    def pick_transform(self, step: int, rank: int) -> str | None:
+        """EQ-VAE's τ of this step, None when off: drawn from its own stream per (seed, rank, step),
+        so resumes repeat it and the training RNG (posterior noise) is the same as without it."""
         names = self.cfg.loss.equivariance_transforms
         if self.cfg.loss.equivariance_weight <= 0:
             return None
-        return names[int(torch.randint(len(names), ()))]
+        return names[int(np.random.default_rng([self.cfg.seed, rank, step]).integers(len(names)))]
 
     def real_images(self, x: torch.Tensor, batch: dict) -> torch.Tensor:
         """What the discriminator is shown as real: the training images."""

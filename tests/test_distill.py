@@ -1,0 +1,136 @@
+"""`python -m train.distill`: AutoencoderTiny students of an AutoencoderKL teacher, in-process,
+on generated images with the smallest presets; the exports checked by diffusers and our CLI."""
+
+import json
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, AutoencoderTiny
+from safetensors.torch import load_file
+
+from codec import Codec
+from codec.cli import main as cli
+from codec.models import build_autoencoder, build_student
+from train.distill import main
+
+
+@pytest.fixture
+def teacher(tmp_path):
+    """A test-preset AutoencoderKL with a scaling factor, saved as one of our codecs."""
+    torch.manual_seed(0)
+    codec = Codec(build_autoencoder("test"), device="cpu")
+    codec.set_factors(scaling_factor=0.5)
+    return codec.save_pretrained(tmp_path / "teacher")
+
+
+def args(out, data, teacher, *extra):
+    return [
+        "--set", f"distill.teacher={teacher}", "--set", "distill.student=test", "--set", f"output_dir={out}",
+        "--set", f"data.train={data}", "--set", "data.crop_size=32", "--set", "batch_size=2",
+        "--set", "data.num_workers=0", "--set", "loss.perceptual_net=alex", "--set", "loss.perceptual_weight=0.1",
+        "--set", "loss.disc_channels=8", "--set", "loss.disc_layers=2", "--set", "checkpoint_every=2",
+        "--set", "log_every=1", "--set", "optim.lr=1e-3",
+        *[x for e in extra for x in ("--set", e)],
+    ]
+
+
+def weights(folder):
+    return load_file(folder / "diffusion_pytorch_model.safetensors")
+
+
+def log(out):
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_student_exports_a_diffusers_autoencoder_tiny_that_decodes_teacher_latents(tmp_path, image_folder, teacher):
+    out = tmp_path / "student"
+    assert main(args(out, image_folder, teacher, "max_steps=3", "loss.disc_weight=0.5", "loss.disc_start=1")) == 0
+    steps = log(out)
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    assert all({"latent_mse", "rec", "lpips"} <= s.keys() for s in steps) and "d_loss" in steps[-1]
+    # The other side: diffusers loads the export as an AutoencoderTiny whose latents need no factors.
+    student = AutoencoderTiny.from_pretrained(out / "codec")
+    assert student.config.scaling_factor == 1.0 and student.config.shift_factor == 0.0
+    meta = json.loads((out / "codec" / "vae_codec.json").read_text())
+    assert meta["latent_stats"]["teacher"] == str(teacher)
+    assert meta["latent_stats"]["teacher_factors"]["scaling_factor"] == 0.5
+    # Latents the teacher made, decoded with the student through the CLI and by hand with diffusers.
+    img = sorted(image_folder.glob("*.png"))[0]
+    latents = tmp_path / "latents.safetensors"
+    assert cli(["encode", "--codec", str(teacher), str(img), str(latents)]) == 0
+    assert cli(["decode", "--codec", str(out / "codec"), str(latents), str(tmp_path / "dec.png")]) == 0
+    assert (tmp_path / "dec.png").exists()
+    z = next(iter(load_file(latents).values()))
+    z = z[None] if z.ndim == 3 else z
+    with torch.no_grad():
+        by_hand = student.decode(z.float()).sample
+    ours = Codec.from_pretrained(out / "codec", device="cpu").decode(z)
+    assert torch.allclose(ours, by_hand, atol=1e-5)
+
+
+def test_targets_are_the_teachers_codec_latents_and_decoding(teacher):
+    from train.config import load_config
+    from train.distill import DistillRecipe
+
+    cfg = load_config(overrides=[f"distill.teacher={teacher}", "model.kind=autoencoder-tiny"])
+    recipe = DistillRecipe(cfg)
+    x = torch.rand(2, 3, 32, 40) * 2 - 1
+    latents, decoded = recipe.targets(x)
+    codec = Codec.from_pretrained(teacher, device="cpu")  # independent path: the public codec API
+    assert torch.allclose(latents, codec.encode(x), atol=1e-6)
+    assert torch.allclose(decoded, codec.decode(codec.encode(x)), atol=1e-5)
+
+
+@pytest.mark.parametrize("part,trained,kept", [("decoder", "decoder.", "encoder."),
+                                               ("encoder", "encoder.", "decoder.")])
+def test_one_part_trains_the_other_stays(tmp_path, image_folder, teacher, part, trained, kept):
+    init = tmp_path / "init"
+    torch.manual_seed(1)
+    build_student("test").save_pretrained(init)
+    out = tmp_path / part
+    assert main(args(out, image_folder, teacher, "max_steps=2", f"distill.train={part}", f"model.init_from={init}",
+                     "ema_decay=0")) == 0
+    before, after = weights(init), weights(out / "codec")
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(kept))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(trained))
+    logged = log(out)[0]
+    assert ("latent_mse" in logged) == (part == "encoder") and ("lpips" in logged) == (part == "decoder")
+
+
+def test_resume_continues_exactly(tmp_path, image_folder, teacher):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(args(straight, image_folder, teacher, "max_steps=4")) == 0
+    assert main(args(resumed, image_folder, teacher, "max_steps=2")) == 0
+    assert main(args(resumed, image_folder, teacher, "max_steps=4", "resume=true")) == 0
+    a, b = weights(straight / "codec"), weights(resumed / "codec")  # EMA weights (on by default)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_teachers_and_students_are_refused(tmp_path, image_folder, teacher):
+    torch.manual_seed(0)
+    build_student("test").save_pretrained(tmp_path / "tiny")
+    with pytest.raises(ValueError, match="not an AutoencoderKL"):
+        main(args(tmp_path / "a", image_folder, tmp_path / "tiny", "max_steps=1"))
+    wide = AutoencoderTiny(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
+                           num_encoder_blocks=(1,) * 4, num_decoder_blocks=(1,) * 4, latent_channels=8)
+    wide.save_pretrained(tmp_path / "wide")
+    with pytest.raises(ValueError, match="8 latent channels.*has 4"):
+        main(args(tmp_path / "b", image_folder, teacher, "max_steps=1", f"model.init_from={tmp_path / 'wide'}"))
+    kl = tmp_path / "kl"
+    AutoencoderKL(**{**build_autoencoder("test").config}).save_pretrained(kl)
+    with pytest.raises(ValueError, match="not an AutoencoderTiny"):
+        main(args(tmp_path / "c", image_folder, teacher, "max_steps=1", f"model.init_from={kl}"))
+
+
+@pytest.mark.parametrize("setting,message", [
+    (None, "needs distill.teacher"),
+    ("model.gradient_checkpointing=true", "gradient_checkpointing"),
+    ("loss.learn_logvar=true", "learn_logvar"),
+    ("distill.train=both-ways", "distill.train: unknown"),
+])
+def test_config_errors_name_the_setting(tmp_path, image_folder, teacher, capsys, setting, message):
+    extra = [setting] if setting else []
+    argv = args(tmp_path / "x", image_folder, teacher if setting else "", "max_steps=1", *extra)
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
