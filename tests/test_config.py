@@ -44,3 +44,10 @@ def test_shipped_configs_load(name):
     cfg = load_config(REPO / "configs" / f"{name}.yaml", ["data.train=/x"])
     validate(cfg)
     assert cfg.model.preset == name
+
+
+def test_shipped_distill_config_loads():
+    cfg = load_config(REPO / "configs" / "distill.yaml",
+                      ["data.train=/x", "distill.teacher=/t", "model.kind=autoencoder-tiny"])
+    validate(cfg)
+    assert cfg.distill.student == "taesd" and cfg.distill.train == "both"
