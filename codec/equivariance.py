@@ -86,12 +86,16 @@ class LatentMeasures:
         self.error = {n: [0.0, 0.0] for n in self.transforms}  # squared error, variance (sums)
         self.psnr = {n: [] for n in self.transforms}
         self.high = self.total = 0.0
+        self.too_small = 0  # images left out of the equivariance measures
 
     def update(self, encode, decode, x: torch.Tensor, latents: torch.Tensor) -> None:
         high, total = high_frequency_share(latents)
         self.high, self.total = self.high + high, self.total + total
         multiple = max(downscale_factor(n) for n in self.transforms)
         h, w = (s - s % multiple for s in latents.shape[-2:])
+        if not (h and w):  # latents smaller than one downscaling block: nothing to compare
+            self.too_small += 1
+            return
         if (h, w) != tuple(latents.shape[-2:]):  # border latents depend on the border: encode the crop
             x = x[..., : 8 * h, : 8 * w]
             latents = encode(x)
@@ -112,5 +116,6 @@ class LatentMeasures:
                            for n in self.transforms},
             "high_frequency_share": self.high / self.total if self.total else None,
             "high_frequency_cutoff": HIGH_FREQUENCY,
+            "images_too_small": self.too_small,
         }
 

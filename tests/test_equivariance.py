@@ -58,6 +58,10 @@ def test_an_equivariant_codec_measures_zero_and_a_position_dependent_one_does_no
         z = encode(t)
         return z + torch.linspace(0, 1, z.shape[-1])
 
+    small = LatentMeasures(["down4"])  # a 24-px image has 3x3 latents: no 4x4 block to average
+    small.update(encode, decode, x[..., :24, :24], encode(x[..., :24, :24]))
+    assert small.result()["images_too_small"] == 1 and small.result()["transforms"]["down4"]["latent_error"] is None
+
     wrong = LatentMeasures(["down2", "rot90"])
     wrong.update(skewed, decode, x, skewed(x))
     assert all(t["latent_error"] > 0.01 for t in wrong.result()["transforms"].values())

@@ -290,9 +290,10 @@ def summary_table(report: dict) -> str:
         return table
     names = list(next(iter(spaces.values()))["transforms"])
     head = ["codec", "HF share"] + [f"eq err {t}" for t in names] + [f"PSNR {t}" for t in names]
-    lines = [[name, f"{sp['high_frequency_share']:.4f}"]
-             + [f"{sp['transforms'][t]['latent_error']:.4f}" for t in names]
-             + [f"{sp['transforms'][t]['decoded_psnr']:.2f}" for t in names] for name, sp in spaces.items()]
+    cell = lambda v, digits: "-" if v is None else f"{v:.{digits}f}"  # noqa: E731
+    lines = [[name, cell(sp["high_frequency_share"], 4)]
+             + [cell(sp["transforms"][t]["latent_error"], 4) for t in names]
+             + [cell(sp["transforms"][t]["decoded_psnr"], 2) for t in names] for name, sp in spaces.items()]
     return table + "\n\nlatent space (codec.equivariance):\n" + _fixed_width(head, lines)
 
 
