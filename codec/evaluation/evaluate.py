@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from codec.equivariance import DEFAULT_TRANSFORMS, LatentMeasures, check_transforms
 from codec.evaluation.cost import PeakMemory
@@ -158,7 +159,7 @@ def _run_subject(subject, good, lpips, rfid, crop_size, windows, transforms=None
     enc_s = dec_s = 0.0
     timed = pixels = 0
     bpps = []
-    for j, (path, (h, w)) in enumerate(good):
+    for j, (path, (h, w)) in enumerate(tqdm(good, desc=f"eval {subject.path[-40:]}", unit="img")):
         x, _ = _load(path)
         with memory:
             rec = subject(x)
