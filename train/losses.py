@@ -9,6 +9,12 @@
                L = the decoder's last conv weight; only computed once the discriminator is on.
 
 Every function returns ``(loss, logs)`` with plain floats in ``logs``.
+
+Once the discriminator is on, ``G``'s gradient is assembled at the reconstruction x̂ (see
+:func:`adversarial_loss`): ∂nll/∂x̂ and ∂g/∂x̂ are taken once each, which is one backward through
+LPIPS' VGG and one through the discriminator instead of the reference's two each (its
+``autograd.grad`` for ∇_L, then the full backward again); ∇_L nll and ∇_L g follow from them
+through the last conv alone. The returned loss has G's value and exactly G's gradient.
 """
 
 from __future__ import annotations
@@ -57,7 +63,10 @@ class GeneratorLoss:
         step: int,
         disc: nn.Module | None = None,
         last_layer: torch.Tensor | None = None,
+        grad_scale: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict]:
+        """``grad_scale``: fp16's loss scale as a tensor (:func:`train.recipes.loss_scale`), which
+        the backward of the returned loss will be multiplied by; None without loss scaling."""
         cfg = self.cfg
         batch = x.shape[0]
         x, recon = x.float(), recon.float()
@@ -71,14 +80,15 @@ class GeneratorLoss:
             logs["lpips"] = p.mean().item()
         nll = (rec / torch.exp(self.logvar) + self.logvar).sum() / batch
         kl = posterior.kl().sum() / batch
-        loss = nll + cfg.kl_weight * kl
+        kl_term = cfg.kl_weight * kl
+        loss = nll + kl_term
         logs.update(nll=nll.item(), kl=kl.item() / posterior.mean[0].numel(), logvar=self.logvar.item())
 
         factor = disc_factor(cfg, step)
         if disc is not None and factor > 0:
             g_loss = -disc(recon).mean()
-            d_weight = adaptive_weight(nll, g_loss, last_layer) * cfg.disc_weight
-            loss = loss + d_weight * factor * g_loss
+            loss, d_weight = adversarial_loss(nll, kl_term, g_loss, recon, last_layer, self.logvar,
+                                              cfg.disc_weight, factor, grad_scale)
             logs.update(g_loss=g_loss.item(), d_weight=d_weight.item())
         logs["disc_factor"] = factor
         logs["loss"] = loss.item()
@@ -90,12 +100,50 @@ def disc_factor(cfg: LossConfig, step: int) -> float:
     return cfg.disc_factor if cfg.disc_weight > 0 and step >= cfg.disc_start else 0.0
 
 
-def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
-    """Balance the GAN gradient against the reconstruction gradient at the last decoder layer."""
-    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    weight = nll_grad.norm() / (g_grad.norm() + 1e-4)
+def adaptive_weight(nll_grad: torch.Tensor, g_grad: torch.Tensor, eps: float | torch.Tensor = 1e-4) -> torch.Tensor:
+    """Balance the GAN gradient against the reconstruction gradient at the last decoder layer,
+    from those two gradients (``eps`` scales with them where they carry fp16's loss scale)."""
+    weight = nll_grad.norm() / (g_grad.norm() + eps)
     return weight.clamp(0.0, 1e4).detach()
+
+
+def adversarial_loss(
+    nll: torch.Tensor,
+    kl_term: torch.Tensor,
+    g_loss: torch.Tensor,
+    recon: torch.Tensor,
+    last_layer: torch.Tensor,
+    logvar: torch.Tensor,
+    disc_weight: float,
+    factor: float,
+    grad_scale: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(nll + kl_term + d_weight · factor · g_loss, d_weight)``, the loss with its exact gradient
+    for one backward through LPIPS and one through the discriminator.
+
+    ``nll`` reaches the autoencoder only through ``recon`` (and the learned ``logvar``), ``g_loss``
+    only through ``recon``: so ∂nll/∂recon and ∂g/∂recon, taken once each, give the reference's
+    last-layer gradients (through ``decoder.conv_out`` alone, ``recon`` being its output) and,
+    combined, the whole backward. The returned tensor is ``value + (s - s.detach())`` with
+    ``s = Σ recon · ∂G/∂recon + kl_term (+ logvar · ∂nll/∂logvar)``: G's value, G's gradient.
+
+    Under fp16 the two backwards run on losses multiplied by ``grad_scale`` (unscaled, LPIPS'
+    fp16 gradients could underflow) and ``s`` is divided by it again, since accelerate's backward
+    multiplies the returned loss by the scale (a power of two: exact in fp32).
+    """
+    scale = grad_scale if grad_scale is not None else 1.0
+    learn_logvar = logvar.requires_grad
+    # No retain_graph: LPIPS' and the discriminator's graphs are not needed again.
+    nll_grads = torch.autograd.grad(nll * scale, [recon, logvar] if learn_logvar else [recon])
+    (g_grad,) = torch.autograd.grad(g_loss * scale, recon)
+    nll_last = torch.autograd.grad(recon, last_layer, nll_grads[0], retain_graph=True)[0]
+    g_last = torch.autograd.grad(recon, last_layer, g_grad, retain_graph=True)[0]
+    d_weight = adaptive_weight(nll_last, g_last, 1e-4 * scale) * disc_weight
+    value = (nll + kl_term + d_weight * factor * g_loss).detach()  # the reference's order of sums
+    surrogate = (recon * ((nll_grads[0] + d_weight * factor * g_grad) / scale)).sum() + kl_term
+    if learn_logvar:
+        surrogate = surrogate + logvar * (nll_grads[1] / scale)
+    return value + (surrogate - surrogate.detach()), d_weight
 
 
 def discriminator_loss(

@@ -70,12 +70,19 @@ class KLF8Recipe:
         # The discriminator judges x̂ here with its own weights frozen: its plain module is used
         # because no discriminator gradient may be produced now.
         with frozen(run.raw_disc):
-            loss, logs = run.gen_loss(x, recon, posterior, run.state.step, run.raw_disc, run.last_layer)
+            loss, logs = run.gen_loss(x, recon, posterior, run.state.step, run.raw_disc, run.last_layer,
+                                      loss_scale(run.accelerator))
         return recon, loss, logs
 
     def shown(self, raw_vae, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Reconstructions as images for the logged grid."""
         return recon[:4]
+
+
+def loss_scale(accelerator) -> torch.Tensor | None:
+    """fp16's current loss scale as a tensor (read without a device sync), or None without a scaler."""
+    scaler = accelerator.scaler
+    return scaler.scale(torch.ones((), device=accelerator.device)) if scaler is not None else None
 
 
 def recipe_for(cfg: TrainConfig):
