@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -183,3 +185,9 @@ def test_gan_gradient_under_fp16_loss_scaling(vgg):
     for name, ref in grads.items():
         scale = largest if name.endswith("attentions.0.to_k.bias") else ref.abs().max().item()  # as above
         torch.testing.assert_close(grads_s[name], ref, rtol=1e-5, atol=1e-6 * scale, msg=name)
+
+    # A scale whose gradients overflow: the GradScaler's to skip (non-finite gradients), while the
+    # logged loss stays finite, so the step is not also counted as a non-finite loss.
+    logs_o, grads_o = run(2.0**127)
+    assert math.isfinite(logs_o["loss"]) and math.isfinite(logs_o["d_weight"])
+    assert not all(torch.isfinite(g).all() for g in grads_o.values())

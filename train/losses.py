@@ -42,8 +42,8 @@ class GeneratorLoss:
         if cfg.perceptual_weight > 0 and lpips_model is None:
             raise ValueError("perceptual_weight > 0 needs an LPIPS model")
         self.cfg = cfg
-        # Channels-last: oneDNN runs VGG's convolutions ~18 % faster so on CPU (LPIPS' forward
-        # and backward, batch 4, 128², one thread) than on NCHW tensors it reorders at each call.
+        # Channels-last: oneDNN runs LPIPS' VGG forward and backward ~18 % faster on channels-last
+        # tensors than on NCHW ones (CPU, batch 4, 128², one thread); the values are the same.
         self.lpips = lpips_model.to(memory_format=torch.channels_last) if lpips_model is not None else None
         self.logvar_state = LogVar(cfg.logvar_init, cfg.learn_logvar)
 
@@ -91,11 +91,13 @@ class GeneratorLoss:
         factor = disc_factor(cfg, step)
         if disc is not None and factor > 0:
             g_loss = -disc(recon).mean()
-            loss, d_weight = adversarial_loss(nll, kl_term, g_loss, recon, last_layer, self.logvar,
-                                              cfg.disc_weight, factor, grad_scale)
+            loss, value, d_weight = adversarial_loss(nll, kl_term, g_loss, recon, last_layer, self.logvar,
+                                                     cfg.disc_weight, factor, grad_scale)
             logs.update(g_loss=g_loss.item(), d_weight=d_weight.item())
+        else:
+            value = loss
         logs["disc_factor"] = factor
-        logs["loss"] = loss.item()
+        logs["loss"] = value.item()
         return loss, logs
 
 
@@ -121,9 +123,10 @@ def adversarial_loss(
     disc_weight: float,
     factor: float,
     grad_scale: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(nll + kl_term + d_weight · factor · g_loss, d_weight)``, the loss with its exact gradient
-    for one backward through LPIPS and one through the discriminator.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, value, d_weight)``: ``loss`` has the value ``value`` = nll + kl_term + d_weight ·
+    factor · g_loss (detached) and exactly its gradient, for one backward through LPIPS and one
+    through the discriminator.
 
     ``nll`` reaches the autoencoder only through ``recon`` (and the learned ``logvar``), ``g_loss``
     only through ``recon``: so ∂nll/∂recon and ∂g/∂recon, taken once each, give the reference's
@@ -133,7 +136,10 @@ def adversarial_loss(
 
     Under fp16 the two backwards run on losses multiplied by ``grad_scale`` (unscaled, LPIPS'
     fp16 gradients could underflow) and ``s`` is divided by it again, since accelerate's backward
-    multiplies the returned loss by the scale (a power of two: exact in fp32).
+    multiplies the returned loss by the scale (a power of two: exact in fp32). Where the scaled
+    gradients overflow, the GradScaler skips the step and lowers the scale, as it does for the
+    reference's scaled backward; ``value`` stays finite then (d_weight taken as 0 if NaN), so that
+    the overflow is not also counted as a non-finite loss (``loss`` itself may be NaN).
     """
     scale = grad_scale if grad_scale is not None else 1.0
     learn_logvar = logvar.requires_grad
@@ -143,11 +149,13 @@ def adversarial_loss(
     nll_last = torch.autograd.grad(recon, last_layer, nll_grads[0], retain_graph=True)[0]
     g_last = torch.autograd.grad(recon, last_layer, g_grad, retain_graph=True)[0]
     d_weight = adaptive_weight(nll_last, g_last, 1e-4 * scale) * disc_weight
+    if grad_scale is not None:
+        d_weight = torch.nan_to_num(d_weight, nan=0.0)  # inf/inf from an overflow (see above)
     value = (nll + kl_term + d_weight * factor * g_loss).detach()  # the reference's order of sums
     surrogate = (recon * ((nll_grads[0] + d_weight * factor * g_grad) / scale)).sum() + kl_term
     if learn_logvar:
         surrogate = surrogate + logvar * (nll_grads[1] / scale)
-    return value + (surrogate - surrogate.detach()), d_weight
+    return value + (surrogate - surrogate.detach()), value, d_weight
 
 
 def discriminator_loss(
