@@ -46,7 +46,9 @@ def plain_loop(preset: str, crops: torch.Tensor, steps: int, batch: int, lr: flo
 
 
 def our_loop(preset: str, data: Path, steps: int, batch: int, crop: int, lr: float, ema: float,
-             precision: str, out: Path) -> float:
+             precision: str, out: Path, recipe: tuple[str, ...] = ()) -> float:
+    """Seconds for a whole ``train.loop.train`` run; ``recipe``: further ``key=value`` overrides
+    (the loss above by default)."""
     from train.config import load_config
     from train.loop import train
 
@@ -55,7 +57,7 @@ def our_loop(preset: str, data: Path, steps: int, batch: int, crop: int, lr: flo
         f"batch_size={batch}", f"data.crop_size={crop}", f"optim.lr={lr}", "optim.warmup_steps=0",
         "optim.schedule=constant", "loss.perceptual_weight=0", f"ema_decay={ema}",
         "loss.reconstruction=l1", f"mixed_precision={precision}",
-        "checkpoint_every=100000", "image_every=0", "log_every=10", "data.num_workers=1",
+        "checkpoint_every=100000", "image_every=0", "log_every=10", "data.num_workers=1", *recipe,
     ])
     start = time.perf_counter()
     train(cfg)

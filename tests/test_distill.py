@@ -134,3 +134,42 @@ def test_config_errors_name_the_setting(tmp_path, image_folder, teacher, capsys,
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_student_gan_gradient_equals_the_double_backward_reference():
+    """The one-pass adaptive GAN weight (train.losses.adversarial_loss) on an AutoencoderTiny,
+    whose output is 2 · (last conv) − 1, against the reference's autograd.grad to the last layer."""
+    from train.discriminator import PatchDiscriminator
+    from train.distill import DistillRecipe
+    from train.losses import adversarial_loss
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    student = build_student("test")
+    disc = PatchDiscriminator(channels=8, layers=2).requires_grad_(False)
+    z, target = torch.randn(2, 4, 4, 4), torch.rand(2, 3, 32, 32) * 2 - 1
+    last = DistillRecipe.last_layer(None, student)
+
+    def gradients(loss_fn):
+        student.zero_grad(set_to_none=True)
+        out = student.decode(z).sample
+        rec, g = (out - target).abs().mean(), -disc(out).mean()
+        loss, d_weight = loss_fn(rec, g, out)
+        loss.backward()
+        return float(d_weight), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+    def reference(rec, g, out):
+        rec_grad = torch.autograd.grad(rec, last, retain_graph=True)[0]
+        g_grad = torch.autograd.grad(g, last, retain_graph=True)[0]
+        d_weight = (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0, 1e4).detach() * 0.5
+        return rec + d_weight * 0.7 * g, d_weight
+
+    def ours(rec, g, out):
+        loss, _, d_weight = adversarial_loss(rec, torch.zeros(()), g, out, last, torch.zeros(()), 0.5, 0.7, None)
+        return loss, d_weight
+
+    d_weight, grads = gradients(ours)
+    ref_d_weight, ref_grads = gradients(reference)
+    assert d_weight == pytest.approx(ref_d_weight, rel=1e-5) and 0 < d_weight and grads.keys() == ref_grads.keys()
+    for name, ref in ref_grads.items():
+        torch.testing.assert_close(grads[name], ref, rtol=1e-4, atol=1e-6 * ref.abs().max().item(), msg=name)

@@ -33,8 +33,8 @@ from codec.factors import scale_latents, unscale_latents
 from codec.io import is_autoencoder_tiny
 from codec.models import build_student, load_autoencoder
 from train.config import TrainConfig
-from train.losses import adaptive_weight, disc_factor
-from train.recipes import KLF8Recipe, frozen
+from train.losses import adversarial_loss, disc_factor
+from train.recipes import KLF8Recipe, frozen, loss_scale
 
 # The student decoder soft-clamps its input to ±3 (tanh(x / 3) * 3): teacher latents far wider
 # than unit spread would be squashed.
@@ -143,18 +143,19 @@ class DistillRecipe(KLF8Recipe):
         rec = pixel.mean()
         logs["rec"] = rec.item()
         if run.gen_loss.lpips is not None and cfg.perceptual_weight > 0 and run.state.step >= cfg.perceptual_start:
-            p = run.gen_loss.lpips(target, decoded).mean()
+            p = run.gen_loss.perceptual(target, decoded).mean()
             rec = rec + cfg.perceptual_weight * p
             logs["lpips"] = p.item()
-        loss = loss + rec
         factor = disc_factor(cfg, run.state.step)
-        if run.raw_disc is not None and factor > 0:
-            with frozen(run.raw_disc):
-                g_loss = -run.raw_disc(decoded).mean()
-                d_weight = adaptive_weight(rec, g_loss, run.last_layer) * cfg.disc_weight
-            loss = loss + d_weight * factor * g_loss
-            logs.update(g_loss=g_loss.item(), d_weight=d_weight.item())
-        logs["loss"] = loss.item()
+        if run.raw_disc is None or factor <= 0:
+            loss = loss + rec
+            logs["loss"] = loss.item()
+            return decoded, loss, logs
+        with frozen(run.raw_disc):  # the adaptive GAN weight, as for kl-f8 (train.losses.adversarial_loss)
+            g_loss = -run.raw_disc(decoded).mean()
+            loss, value, d_weight = adversarial_loss(rec, loss, g_loss, decoded, run.last_layer, run.gen_loss.logvar,
+                                                     cfg.disc_weight, factor, loss_scale(run.accelerator))
+        logs.update(g_loss=g_loss.item(), d_weight=d_weight.item(), loss=value.item())
         return decoded, loss, logs
 
     def real_images(self, x: torch.Tensor, batch: dict) -> torch.Tensor:

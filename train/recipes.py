@@ -76,7 +76,8 @@ class KLF8Recipe:
         # The discriminator judges x̂ here with its own weights frozen: its plain module is used
         # because no discriminator gradient may be produced now.
         with frozen(run.raw_disc):
-            loss, logs = run.gen_loss(x, recon, posterior, run.state.step, run.raw_disc, run.last_layer)
+            loss, logs = run.gen_loss(x, recon, posterior, run.state.step, run.raw_disc, run.last_layer,
+                                      loss_scale(run.accelerator))
         if transformed is not None:  # EQ-VAE: D(τ(z)) should be τ(x)
             eq = run.gen_loss.reconstruction(equivariance.apply(transform, x), transformed, run.state.step,
                                              per_image=x[0].numel())
@@ -114,6 +115,12 @@ def measured_scale(codec, measure) -> dict:
     stats = measure()
     codec.set_factors(**factors_from_stats(stats, "scale"))
     return stats
+
+
+def loss_scale(accelerator) -> torch.Tensor | None:
+    """fp16's current loss scale as a tensor (read without a device sync), or None without a scaler."""
+    scaler = accelerator.scaler
+    return scaler.scale(torch.ones((), device=accelerator.device)) if scaler is not None else None
 
 
 def recipe_for(cfg: TrainConfig):
