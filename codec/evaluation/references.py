@@ -4,7 +4,7 @@ Every subject turns one image batch (1, 3, H, W) in [-1, 1] into a :class:`Recon
 the decoded image, its size in bits per pixel, the time spent encoding and decoding, and for
 learned codecs the scaled latents (and the posterior, for KL autoencoders).
 
-* :class:`LearnedCodec` wraps a diffusers ``AutoencoderKL`` folder (through :class:`Codec`) or
+* :class:`LearnedCodec` wraps, through :class:`Codec`, a diffusers ``AutoencoderKL`` folder or
   an ``AutoencoderTiny`` folder (TAESD-style, deterministic, no posterior). Its rate is the
   latents stored as fp16: ``channels * 16 / 8**2`` bits per pixel, 1.0 for kl-f8.
 * :class:`ClassicalCodec` is JPEG or WebP through Pillow, at the quality whose file is closest
@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from codec.codec import Codec, resolve_dtype
-from codec.factors import scale_latents, unscale_latents
+from codec.codec import Codec
+from codec.factors import scale_latents
 from codec.images import tensor_to_uint8, uint8_to_tensor
-from codec.io import config_folder, read_config
+from codec.io import read_config
 from codec.models import count_parameters
 
 LATENT_STORAGE_BITS = 16  # latents stored as fp16, the way latent datasets are usually kept
@@ -70,59 +70,37 @@ class LearnedCodec:
         self.path = str(path)
         self.kind = autoencoder_class(path)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.kind == "AutoencoderKL":
-            self.codec = Codec.from_pretrained(path, device=self.device, dtype=dtype, batch_size=1)
-            self.vae = self.codec.vae
-        elif self.kind == "AutoencoderTiny":
-            from diffusers import AutoencoderTiny
-
-            folder = config_folder(path)
-            self.codec = None
-            self.dtype = resolve_dtype(dtype)
-            self.vae = AutoencoderTiny.from_pretrained(str(folder)).to(self.device, self.dtype).eval()
-        else:
+        if self.kind not in ("AutoencoderKL", "AutoencoderTiny"):
             raise ValueError(
                 f"{path}: {self.kind} is not supported; choose an AutoencoderKL or AutoencoderTiny folder"
             )
+        self.codec = Codec.from_pretrained(path, device=self.device, dtype=dtype, batch_size=1)
+        self.vae = self.codec.vae
         self.parameters = count_parameters(self.vae)
         # reported only: the latents are scaled by codec.factors, which also applies any
         # per-channel latents_mean/latents_std
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.shift_factor = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
 
-    @torch.no_grad()
     def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
         """Images -> scaled latents (the posterior mean for KL autoencoders), on the CPU."""
-        if self.codec is not None:
-            return self.codec.encode(x)
-        return scale_latents(self.vae.encode(x.to(self.device, self.dtype)).latents.float().cpu(), self.vae.config)
+        return self.codec.encode(x)
 
-    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        if self.codec is not None:
-            return self.codec.decode(latents)
-        z = unscale_latents(latents, self.vae.config).to(self.device, self.dtype)
-        return self.vae.decode(z).sample.float().cpu()
+        return self.codec.decode(latents)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> Reconstruction:
         h, w = x.shape[-2:]
-        mean = logvar = None
         _sync(self.device)
         t0 = time.perf_counter()
-        if self.codec is not None:
-            mean, logvar = self.codec.posterior(x)
-            latents = scale_latents(mean, self.vae.config)  # what Codec.decode expects back
-        else:
-            z = self.vae.encode(x.to(self.device, self.dtype)).latents.float().cpu()
-            latents = scale_latents(z, self.vae.config)
+        mean, logvar = self.codec.posterior(x)
+        latents = scale_latents(mean, self.vae.config)  # what Codec.decode expects back
         _sync(self.device)
         t1 = time.perf_counter()
-        if self.codec is not None:
-            y = self.codec.decode(latents, size=(h, w))
-        else:
-            z = unscale_latents(latents, self.vae.config).to(self.device, self.dtype)
-            y = self.vae.decode(z).sample.float().cpu()
+        y = self.codec.decode(latents, size=(h, w))
+        if self.kind != "AutoencoderKL":  # a deterministic encoder: no posterior for the KL statistics
+            mean = logvar = None
         _sync(self.device)
         t2 = time.perf_counter()
         bpp = latents.numel() / x.shape[0] * LATENT_STORAGE_BITS / (h * w)
