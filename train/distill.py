@@ -139,10 +139,9 @@ class DistillRecipe(KLF8Recipe):
             logs.update(rec=logs["latent_mse"], loss=loss.item())
             return latents, loss, logs
         decoded, target = decoded.float(), teacher_images.float()
-        pixel = (decoded - target).abs() if cfg.reconstruction == "l1" else (decoded - target).pow(2)
-        rec = pixel.mean()
+        rec = run.gen_loss.pixel_error(target, decoded).mean()
         logs["rec"] = rec.item()
-        if run.gen_loss.lpips is not None and cfg.perceptual_weight > 0 and run.state.step >= cfg.perceptual_start:
+        if run.gen_loss.perceptual_on(run.state.step):
             p = run.gen_loss.perceptual(target, decoded).mean()
             rec = rec + cfg.perceptual_weight * p
             logs["lpips"] = p.item()

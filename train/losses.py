@@ -76,10 +76,10 @@ class GeneratorLoss:
         cfg = self.cfg
         batch = x.shape[0]
         x, recon = x.float(), recon.float()
-        pixel = (x - recon).abs() if cfg.reconstruction == "l1" else (x - recon).pow(2)
+        pixel = self.pixel_error(x, recon)
         rec = pixel
         logs = {"rec": pixel.mean().item()}
-        if self.lpips is not None and cfg.perceptual_weight > 0 and step >= cfg.perceptual_start:
+        if self.perceptual_on(step):
             p = self.perceptual(x, recon)  # (B, 1, 1, 1), broadcast over pixels as in the reference
             rec = rec + cfg.perceptual_weight * p
             logs["lpips"] = p.mean().item()
@@ -101,6 +101,15 @@ class GeneratorLoss:
         logs["loss"] = value.item()
         return loss, logs
 
+    def pixel_error(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """|x - x̂| or (x - x̂)² per element (``loss.reconstruction``)."""
+        return (x - recon).abs() if self.cfg.reconstruction == "l1" else (x - recon).pow(2)
+
+    def perceptual_on(self, step: int) -> bool:
+        """Whether LPIPS is part of the reconstruction term at ``step``."""
+        cfg = self.cfg
+        return self.lpips is not None and cfg.perceptual_weight > 0 and step >= cfg.perceptual_start
+
     def perceptual(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
         """LPIPS per image, (B, 1, 1, 1). No torch.no_grad: it must send gradients to the decoder.
         Channels-last tensors: VGG's convolutions run faster so on CPUs."""
@@ -112,12 +121,10 @@ class GeneratorLoss:
         like ``nll`` as if it had ``per_image`` elements, so that both weigh alike whatever the
         transform's size (logvar is left out: it is 0 unless learned). LPIPS joins where the pair
         is at least ``LPIPS_MIN_SIDE`` pixels on a side (AlexNet's pooling needs that much)."""
-        cfg = self.cfg
         x, recon = x.float(), recon.float()
-        rec = (x - recon).abs() if cfg.reconstruction == "l1" else (x - recon).pow(2)
-        big_enough = min(x.shape[-2:]) >= LPIPS_MIN_SIDE
-        if self.lpips is not None and cfg.perceptual_weight > 0 and step >= cfg.perceptual_start and big_enough:
-            rec = rec + cfg.perceptual_weight * self.perceptual(x, recon)
+        rec = self.pixel_error(x, recon)
+        if self.perceptual_on(step) and min(x.shape[-2:]) >= LPIPS_MIN_SIDE:
+            rec = rec + self.cfg.perceptual_weight * self.perceptual(x, recon)
         return rec.mean() * per_image
 
 
