@@ -9,7 +9,7 @@ images and latents alike:
   resampling: the exact anti-aliased downscale when the size divides);
 * ``rot90`` / ``rot180`` / ``rot270``: rotations by quarter turns (counter-clockwise).
 
-Measures (``vae-codec eval``, :func:`latent_measures`):
+Measures (``vae-codec eval``, :class:`LatentMeasures`):
 
 * equivariance error of the encoder, per transform: ``mean (E(τx) - τE(x))² / var(τE(x))``,
   the share of the transformed latents' variance the encoder gets wrong (0 = equivariant);

@@ -2,29 +2,24 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from codec.launch import relaunch_if_needed
-from train.config import load_config, validate
+from train.config import config_parser, load_config, validate
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m train") -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Train a kl-f8 autoencoder (KL + reconstruction + LPIPS [+ PatchGAN]) under accelerate.",
-    )
-    parser.add_argument("config", nargs="?", help="YAML file overriding the defaults (configs/*.yaml)")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override one setting, e.g. --set optim.lr=2e-4 --set data.train=/data/images",
-    )
+def main(argv: list[str] | None = None, module: str = "train",
+         description: str = "Train a kl-f8 autoencoder (KL + reconstruction + LPIPS [+ PatchGAN]) under accelerate.",
+         example: str = "--set optim.lr=2e-4 --set data.train=/data/images", forced: tuple[str, ...] = ()) -> int:
+    """``forced``: overrides applied after the config file and every ``--set`` (``train.distill``
+    forces its model kind this way)."""
+    parser = config_parser(module, description, "configs/*.yaml", example)
     args = parser.parse_args(argv)
-    relaunched = relaunch_if_needed("train", sys.argv[1:] if argv is None else argv)
+    relaunched = relaunch_if_needed(module, sys.argv[1:] if argv is None else argv)
     if relaunched is not None:
         return relaunched
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, [*args.overrides, *forced])
         validate(cfg)
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))

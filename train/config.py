@@ -8,6 +8,7 @@ a value of the wrong type is an error naming the expected type.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -147,6 +148,16 @@ class TrainConfig:
     resume: bool = False  # continue from the latest checkpoint in output_dir
     max_nonfinite_steps: int = 5  # skip steps with an inf/NaN loss; stop after this many in a row
     deterministic: bool = False  # deterministic GPU kernels (slower); CPU runs are always repeatable
+
+
+# ------------------------------------------------------------------------- the command line
+def config_parser(module: str, description: str, configs: str, example: str) -> argparse.ArgumentParser:
+    """``python -m MODULE [CONFIG] [--set KEY=VALUE ...]``: the parser every trainer shares."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
+    parser.add_argument("config", nargs="?", help=f"YAML file overriding the defaults ({configs})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override one setting, e.g. {example}")
+    return parser
 
 
 # ------------------------------------------------------------------------- loading

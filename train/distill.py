@@ -20,7 +20,6 @@ what learns: ``both``, ``decoder`` (the preview decoder alone) or ``encoder``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import warnings
 
@@ -180,18 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     and the other ``--set`` options, so a distillation config cannot train something else)."""
     from train.__main__ import main as train_main
 
-    parser = argparse.ArgumentParser(
-        prog="python -m train.distill",
-        description="Distil an AutoencoderTiny (TAESD-style) preview codec from an AutoencoderKL teacher.",
-    )
-    parser.add_argument("config", nargs="?", help="YAML file overriding the defaults (configs/distill-*.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one setting, e.g. --set distill.teacher=runs/tiny/codec")
-    args = parser.parse_args(argv)
-    overrides = [*args.overrides, "model.kind=autoencoder-tiny"]
-    return train_main(([args.config] if args.config else []) + [f"--set={o}" for o in overrides],
-                      prog="python -m train.distill")
-
+    return train_main(argv, module="train.distill", forced=("model.kind=autoencoder-tiny",),
+                      description="Distil an AutoencoderTiny (TAESD-style) preview codec from an AutoencoderKL "
+                                  "teacher.",
+                      example="--set distill.teacher=runs/tiny/codec")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,7 +20,6 @@ Output::
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 
 from codec.launch import relaunch_if_needed
 from train import run as runs
+from train.config import config_parser
 from train.ldm_config import LDMConfig, load_ldm_config, validate_ldm
 
 
@@ -344,13 +344,8 @@ def _train(cfg: LDMConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m train.ldm",
-        description="Train a latent diffusion UNet (DDPM) on latents made by `vae-codec compress`.",
-    )
-    parser.add_argument("config", nargs="?", help="YAML file overriding the defaults (configs/ldm-*.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one setting, e.g. --set data.latents=/data/latents")
+    parser = config_parser("train.ldm", "Train a latent diffusion UNet (DDPM) on latents made by `vae-codec compress`.",
+                           "configs/ldm-*.yaml", "--set data.latents=/data/latents")
     args = parser.parse_args(argv)
     relaunched = relaunch_if_needed("train.ldm", sys.argv[1:] if argv is None else argv)
     if relaunched is not None:
