@@ -105,41 +105,44 @@ def their_run(script: Path, work: Path, crops: Path, batches: int, batch: int, c
 # ------------------------------------------------------------------------- the plain loop
 def plain_loop(crops: torch.Tensor, first: int, last: int, batch: int, ema_decay: float) -> float:
     """Seconds for updates ``first``..``last`` of our step written out by hand (same losses,
-    optimisers, clipping and EMA as ``train.loop``; no accelerate, loader or logging)."""
+    optimisers, clipping and EMA as ``train.loop``, and freed memory kept as ``train.loop`` keeps it
+    on CPUs; no accelerate, loader or logging)."""
     from diffusers.training_utils import EMAModel
 
     from codec.evaluation.lpips_weights import load_lpips
     from codec.models import build_autoencoder
     from train.config import LossConfig
     from train.discriminator import PatchDiscriminator
+    from train.host_memory import keeping_freed_memory
     from train.losses import GeneratorLoss, discriminator_loss
     from train.recipes import frozen
 
-    torch.manual_seed(0)
-    vae, disc = build_autoencoder("tiny").train(), PatchDiscriminator().train()
-    gen = GeneratorLoss(LossConfig(perceptual_weight=1.0, kl_weight=1e-6, disc_weight=0.5, disc_start=0),
-                        load_lpips("vgg"))
-    opt_g = torch.optim.AdamW(vae.parameters(), lr=1e-4, betas=(0.5, 0.9), weight_decay=0.0)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=1e-4, betas=(0.5, 0.9), weight_decay=0.0)
-    ema = EMAModel(vae.parameters(), decay=ema_decay)
-    for step in range(last):
-        if step == first:
-            start = time.perf_counter()
-        i = (step * batch) % (len(crops) - batch + 1)
-        x = crops[i : i + batch]
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample()).sample
-        with frozen(disc):
-            loss, _ = gen(x, recon, posterior, step, disc, vae.decoder.conv_out.weight)
-        loss.backward()
-        d_loss, _ = discriminator_loss(disc, x, recon, 1.0)
-        d_loss.backward()
-        for model, opt in ((vae, opt_g), (disc, opt_d)):
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        ema.step(vae.parameters())
-    return time.perf_counter() - start
+    with keeping_freed_memory(True):
+        torch.manual_seed(0)
+        vae, disc = build_autoencoder("tiny").train(), PatchDiscriminator().train()
+        gen = GeneratorLoss(LossConfig(perceptual_weight=1.0, kl_weight=1e-6, disc_weight=0.5, disc_start=0),
+                            load_lpips("vgg"))
+        opt_g = torch.optim.AdamW(vae.parameters(), lr=1e-4, betas=(0.5, 0.9), weight_decay=0.0)
+        opt_d = torch.optim.AdamW(disc.parameters(), lr=1e-4, betas=(0.5, 0.9), weight_decay=0.0)
+        ema = EMAModel(vae.parameters(), decay=ema_decay)
+        for step in range(last):
+            if step == first:
+                start = time.perf_counter()
+            i = (step * batch) % (len(crops) - batch + 1)
+            x = crops[i : i + batch]
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample()).sample
+            with frozen(disc):
+                loss, _ = gen(x, recon, posterior, step, disc, vae.decoder.conv_out.weight)
+            loss.backward()
+            d_loss, _ = discriminator_loss(disc, x, recon, 1.0)
+            d_loss.backward()
+            for model, opt in ((vae, opt_g), (disc, opt_d)):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            ema.step(vae.parameters())
+        return time.perf_counter() - start
 
 
 # ------------------------------------------------------------------------- the comparison

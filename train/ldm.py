@@ -161,7 +161,8 @@ def sample_latents(unet, train_scheduler, count: int, steps: int, generator: tor
 def train_ldm(cfg: LDMConfig) -> Path:
     """Train according to ``cfg``; returns the exported pipeline folder."""
     try:
-        return _train(cfg)
+        with runs.keeping_freed_memory(cfg):
+            return _train(cfg)
     finally:
         runs.reset_accelerate()
 

@@ -40,6 +40,7 @@ class LDMConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 disables clipping
     mixed_precision: str = "no"  # "no", "fp16", "bf16" or "auto" (as train.config)
+    keep_freed_memory: bool = True  # CPU runs: reuse freed memory (as train.config)
     ema_decay: float = 0.9999  # 0 disables EMA; samples and the exported UNet use EMA weights
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"  # DDPMScheduler's beta_schedule

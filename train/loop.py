@@ -81,7 +81,8 @@ def train(cfg: TrainConfig) -> Path:
     """Train according to ``cfg``; returns the exported codec folder (``output_dir/codec``)."""
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
-        return _train(cfg)
+        with runs.keeping_freed_memory(cfg):
+            return _train(cfg)
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
         runs.reset_accelerate()

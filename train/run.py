@@ -16,6 +16,7 @@ from diffusers.training_utils import EMAModel
 
 from train import checkpoints as ckpt
 from train.config import save_config, to_dict
+from train.host_memory import keeping_freed_memory as _keeping
 
 
 class TrainState:
@@ -41,6 +42,12 @@ def resolve_mixed_precision(choice: str) -> str:
         # Native bf16 only (Ampere and later): older GPUs would emulate it, far slower than fp16.
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
+
+
+def keeping_freed_memory(cfg):
+    """``with keeping_freed_memory(cfg):`` the run; on CPU runs with ``keep_freed_memory`` the
+    process keeps what a step frees for the next one (:mod:`train.host_memory`)."""
+    return _keeping(cfg.keep_freed_memory and not torch.cuda.is_available())
 
 
 def start(cfg, grad_accum: int = 1, deterministic: bool = False) -> tuple[Accelerator, Path | None]:
