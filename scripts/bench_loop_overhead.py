@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
 
 
 def plain_loop(preset: str, crops: torch.Tensor, steps: int, batch: int, lr: float, precision: str) -> float:
@@ -48,6 +49,18 @@ def plain_loop(preset: str, crops: torch.Tensor, steps: int, batch: int, lr: flo
         return time.perf_counter() - start
 
 
+def our_overrides(preset: str, data: Path, steps: int, batch: int, crop: int, lr: float, ema: float,
+                  precision: str, out: Path, recipe: tuple[str, ...] = ()) -> list[str]:
+    """``key=value`` settings over ``configs/tiny.yaml`` for a benchmark run of ``python -m train``."""
+    return [
+        f"model.preset={preset}", f"data.train={data}", f"output_dir={out}", f"max_steps={steps}",
+        f"batch_size={batch}", f"data.crop_size={crop}", f"optim.lr={lr}", "optim.warmup_steps=0",
+        "optim.schedule=constant", "loss.perceptual_weight=0", f"ema_decay={ema}",
+        "loss.reconstruction=l1", f"mixed_precision={precision}",
+        "checkpoint_every=100000", "image_every=0", "log_every=10", "data.num_workers=1", *recipe,
+    ]  # fmt: skip
+
+
 def our_loop(preset: str, data: Path, steps: int, batch: int, crop: int, lr: float, ema: float,
              precision: str, out: Path, recipe: tuple[str, ...] = ()) -> float:
     """Seconds for a whole ``train.loop.train`` run; ``recipe``: further ``key=value`` overrides
@@ -55,13 +68,7 @@ def our_loop(preset: str, data: Path, steps: int, batch: int, crop: int, lr: flo
     from train.config import load_config
     from train.loop import train
 
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [
-        f"model.preset={preset}", f"data.train={data}", f"output_dir={out}", f"max_steps={steps}",
-        f"batch_size={batch}", f"data.crop_size={crop}", f"optim.lr={lr}", "optim.warmup_steps=0",
-        "optim.schedule=constant", "loss.perceptual_weight=0", f"ema_decay={ema}",
-        "loss.reconstruction=l1", f"mixed_precision={precision}",
-        "checkpoint_every=100000", "image_every=0", "log_every=10", "data.num_workers=1", *recipe,
-    ])
+    cfg = load_config(TINY, our_overrides(preset, data, steps, batch, crop, lr, ema, precision, out, recipe))
     start = time.perf_counter()
     train(cfg)
     return time.perf_counter() - start
