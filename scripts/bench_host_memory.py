@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from scripts.bench_loop_overhead import TINY, our_overrides
+from scripts.bench_loop_overhead import TINY, our_overrides, speedup
 from scripts.bench_vs_diffusers import OUR_RECIPE, write_crops
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,10 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     for keep in (False, True):
         v, f = seconds[keep], statistics.median(faults[keep])
         print(f"| {str(keep).lower()} | {min(v):.3f} | {statistics.median(v):.3f} | {f:.0f} |")
-    ratios = [a / b for a, b in zip(seconds[False], seconds[True])]
-    print(f"\nspeed-up of keeping: median {statistics.median(seconds[False]) / statistics.median(seconds[True]):.3f}x, "
-          f"min vs min {min(seconds[False]) / min(seconds[True]):.3f}x, per repeat "
-          f"{', '.join(f'{q:.3f}' for q in ratios)}")
+    print(f"\nspeed-up of keeping: {speedup(seconds[False], seconds[True], 3)}")
     return 0
 
 

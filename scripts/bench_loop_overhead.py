@@ -24,6 +24,13 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 
 
+def speedup(slower: list[float], faster: list[float], digits: int = 2) -> str:
+    """How much faster ``faster`` is: median over median, min over min, and per repeat."""
+    per_repeat = ", ".join(f"{a / b:.{digits}f}" for a, b in zip(slower, faster))
+    return (f"median {statistics.median(slower) / statistics.median(faster):.{digits}f}x, "
+            f"min vs min {min(slower) / min(faster):.{digits}f}x, per repeat {per_repeat}")
+
+
 def plain_loop(preset: str, crops: torch.Tensor, steps: int, batch: int, lr: float, precision: str) -> float:
     """Seconds for ``steps`` optimiser steps of a hand-written loop (keeping freed memory as ours
     does on CPUs, so that the difference is the loop's)."""

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from scripts.bench_loop_overhead import our_loop
+from scripts.bench_loop_overhead import our_loop, speedup
 
 REPO = Path(__file__).resolve().parents[1]
 VGG16_FILE = "vgg16-397923af.pth"  # the file name torchvision's VGG16_Weights.IMAGENET1K_V1 looks for
@@ -197,9 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {k} | {min(v):.3f} | {statistics.median(v):.3f} | {min(v) / n:.3f} | "
               f"{statistics.median(v) / n:.3f} | {max(v) / min(v):.2f} |")
     theirs, ours, plain = (rows[k] for k in rows)
-    per_repeat = [t / o for t, o in zip(theirs, ours)]
-    print(f"\nours vs theirs per VAE update: median {statistics.median(theirs) / statistics.median(ours):.2f}x, "
-          f"min {min(theirs) / min(ours):.2f}x, per repeat {', '.join(f'{q:.2f}' for q in per_repeat)}")
+    print(f"\nours vs theirs per VAE update: {speedup(theirs, ours)}")
     per_image = (statistics.median(theirs) / images_per_update["theirs"]) / (statistics.median(ours) / args.batch)
     print(f"ours vs theirs per image: median {per_image:.2f}x")
     overhead = [o / p - 1 for o, p in zip(ours, plain)]
