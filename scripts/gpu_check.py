@@ -8,9 +8,12 @@ Correctness on the GPU is ``pytest -m gpu`` (tests/test_gpu.py); this script mea
 
 * **training**: ``python -m train`` (reconstruction + VGG-LPIPS + KL + PatchGAN from step 0,
   EMA, clipping) on ``--size`` crops, run twice, for ``--warmup`` and ``--warmup + --steps``
-  steps: the difference of the two wall times divided by ``--steps`` is the time per step without
-  start-up, loading and export, so images/s = batch / that. LPIPS weights must be available
-  offline (README "Offline LPIPS weights"), else ``--no-lpips``.
+  steps, after an untimed one-step run that pays what only a process's first run pays (the CUDA
+  context, kernel loading, first imports): the difference of the two wall times divided by
+  ``--steps`` is the time per step without start-up, loading and export, so images/s = batch /
+  that. Training runs where ``python -m train`` does, on accelerate's device: ``--device`` must be
+  that one (``cuda`` for GPU 0; ``CUDA_VISIBLE_DEVICES=N`` picks another). LPIPS weights must be
+  available offline (README "Offline LPIPS weights"), else ``--no-lpips``.
 * **codec**: ``Codec.encode`` and ``Codec.decode`` of ``--batch`` random images at ``--size``
   in ``--precision``, timed with CUDA synchronisation after ``--warmup`` untimed batches;
   peak memory is ``torch.cuda.max_memory_allocated`` of each, reset before it.
@@ -111,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device here; pass --device cpu for a smoke run")
+    if (device.type == "cpu") == torch.cuda.is_available() or (device.index or 0) != 0:
+        parser.error(f"training runs on accelerate's device ({'cuda' if torch.cuda.is_available() else 'cpu'}), "
+                     f"not {args.device}: pass --device cuda, and CUDA_VISIBLE_DEVICES=N for GPU N")
     if args.precision == "auto":
         from train.run import resolve_mixed_precision
 
@@ -122,9 +128,13 @@ def main(argv: list[str] | None = None) -> int:
               "preset": args.preset, "size": args.size, "batch": args.batch, "precision": args.precision}
     with tempfile.TemporaryDirectory() as tmp:
         data = write_images(Path(tmp) / "images", max(4 * args.batch, 16), args.size)
+        training_seconds(args, data, Path(tmp) / "first", 1)  # untimed: the process's one-time costs
         short = training_seconds(args, data, Path(tmp) / "a", args.warmup)
         long = training_seconds(args, data, Path(tmp) / "b", args.warmup + args.steps)
-    per_step = max(long - short, 1e-9) / args.steps
+    if long <= short:
+        raise SystemExit(f"the {args.warmup + args.steps}-step run ({long:.1f} s) was not slower than the "
+                         f"{args.warmup}-step one ({short:.1f} s): timings too noisy, raise --steps")
+    per_step = (long - short) / args.steps
     result["train_images_per_s"] = round(args.batch / per_step, 2)
     result.update(codec_rates(args, device))
     print(json.dumps(result, indent=1))

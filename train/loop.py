@@ -206,10 +206,10 @@ def optimiser_step(run: Run, logs: dict, nonfinite: bool, disc_on: bool) -> None
         groups = [(run.opt_g, run.trainable, learning_rate(cfg, step, run.base_lr))]
         if disc_on:
             groups.append((run.opt_d, list(run.disc.parameters()), learning_rate(cfg, step, run.base_disc_lr)))
-        norm = step_optimisers(acc, groups, cfg.optim.max_grad_norm, measure=is_logged(cfg, step + 1))
+        norm, stepped = step_optimisers(acc, groups, cfg.optim.max_grad_norm, measure=is_logged(cfg, step + 1))
         if norm is not None:
             logs["grad_norm"] = norm
-        if run.ema is not None:
+        if run.ema is not None and stepped:  # fp16: no EMA step where the scaler skipped the weights' step
             run.ema.step(run.raw_vae.parameters())
     elif run.is_main:
         tqdm.write(f"step {run.state.step}: non-finite loss, step skipped "
@@ -485,27 +485,45 @@ def _truncate_log(path: Path, step: int) -> None:
         path.write_text("".join(kept))
 
 
-def step_optimisers(accelerator: Accelerator, groups: list, max_norm: float, measure: bool = False) -> float | None:
+def step_optimisers(accelerator: Accelerator, groups: list, max_norm: float,
+                    measure: bool = False) -> tuple[float | None, bool]:
     """Step each ``(optimizer, parameters, lr)`` of ``groups`` in order, each group's gradients
     clipped to ``max_norm`` first (when > 0). Returns the first group's gradient norm before
-    clipping when clipping or ``measure``, else None.
+    clipping when clipping or ``measure``, else None; and whether the first group's optimiser
+    stepped (under fp16 the loss scaler skips an optimiser whose gradients overflowed).
 
-    Under fp16, each optimiser's gradients are unscaled right before its own clip and step.
-    accelerate's ``clip_grad_norm_`` unscales *every* optimiser, and each optimiser's step then
-    updates the shared loss scaler, which forgets that the others were unscaled: clipping the
-    generator that way and stepping it left the discriminator's gradients to be divided by the
-    loss scale a second time. (The scaler's update between the two steps can still change the
-    scale the discriminator is unscaled with, on the rare steps where it grows or backs off.)
+    Under fp16 every optimiser is unscaled with the one scale its gradients were scaled by, each
+    is stepped by the scaler, and the scale is updated once. accelerate's ``optimizer.step()``
+    updates the shared scaler after each optimiser, and its ``clip_grad_norm_`` unscales every
+    optimiser: with those, the discriminator's gradients were divided by the loss scale a second
+    time, or unscaled with a scale that had just backed off after the generator overflowed (×2),
+    and the scale's growth counted every step twice.
     """
-    norm = None
+    scaler = accelerator.scaler
+    if scaler is not None:
+        for optimizer, _, _ in groups:
+            accelerator.unscale_gradients(optimizer=optimizer)
+    norm, first_stepped = None, True
     for i, (optimizer, params, lr) in enumerate(groups):
+        if i == 0 and scaler is not None:
+            first_stepped = all_finite(optimizer)  # what the scaler decides by, read before clipping
         if max_norm > 0 or (measure and i == 0):
-            accelerator.unscale_gradients(optimizer=optimizer)  # a no-op without fp16 loss scaling
             group_norm = clip_gradients(params, max_norm)
             norm = group_norm if i == 0 else norm
         set_lr(optimizer, lr)
-        optimizer.step()
-    return norm
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer.optimizer)  # the plain optimiser: accelerate's would update the scale
+    if scaler is not None:
+        scaler.update()
+    return norm, first_stepped
+
+
+def all_finite(optimizer) -> bool:
+    """Whether every gradient of ``optimizer``'s parameters is finite (one device sync)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
 
 
 def clip_gradients(params: list, max_norm: float) -> float:

@@ -81,8 +81,12 @@ class KLF8Recipe:
         if transformed is not None:  # EQ-VAE: D(τ(z)) should be τ(x)
             eq = run.gen_loss.reconstruction(equivariance.apply(transform, x), transformed, run.state.step,
                                              per_image=x[0].numel())
-            loss = loss + self.cfg.loss.equivariance_weight * eq
-            logs.update(equivariance=eq.item(), loss=loss.item())
+            weight = self.cfg.loss.equivariance_weight
+            loss = loss + weight * eq
+            # From the logged value, not loss.item(): under fp16 an overflow of the GAN term's
+            # scaled gradients makes ``loss`` NaN (train.losses.adversarial_loss) while its value is
+            # finite; a NaN here would be counted as a non-finite step instead of the scaler's skip.
+            logs.update(equivariance=eq.item(), loss=logs["loss"] + weight * eq.item())
         return recon, loss, logs
 
     def pick_transform(self, step: int, rank: int) -> str | None:
