@@ -318,7 +318,7 @@ def _train(cfg: LDMConfig) -> Path:
         value = accelerator.reduce(loss.detach(), "mean").item()
         if not math.isfinite(value):
             raise FloatingPointError(f"non-finite loss at step {state.step}")
-        if ema is not None:
+        if ema is not None and not optimizer.step_was_skipped:  # fp16: the scaler skipped an overflow
             ema.step(raw.parameters())
         state.step += 1
         progress.update(1)
