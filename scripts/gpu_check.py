@@ -114,9 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device here; pass --device cpu for a smoke run")
-    if (device.type == "cpu") == torch.cuda.is_available() or (device.index or 0) != 0:
-        parser.error(f"training runs on accelerate's device ({'cuda' if torch.cuda.is_available() else 'cpu'}), "
-                     f"not {args.device}: pass --device cuda, and CUDA_VISIBLE_DEVICES=N for GPU N")
+    training_device = "cuda" if torch.cuda.is_available() else "cpu"  # accelerate's, as python -m train's
+    if device.type != training_device or (device.index or 0) != 0:
+        parser.error(f"training runs on accelerate's device ({training_device}), not {args.device}: "
+                     "pass --device cuda, and CUDA_VISIBLE_DEVICES=N for GPU N")
     if args.precision == "auto":
         from train.run import resolve_mixed_precision
 

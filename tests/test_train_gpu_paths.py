@@ -24,6 +24,14 @@ def fp16_accelerator():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
+def gan_pair(acc):
+    """A generator and a discriminator (one linear layer each) with SGD(lr=1), prepared."""
+    torch.manual_seed(0)
+    gen, disc = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
+    opt_g, opt_d = torch.optim.SGD(gen.parameters(), lr=1.0), torch.optim.SGD(disc.parameters(), lr=1.0)
+    return acc.prepare(gen, disc, opt_g, opt_d)
+
+
 @pytest.mark.parametrize("max_norm", [0.0, 1e9, 1.0])
 def test_fp16_clipping_unscales_each_optimiser_once(fp16_accelerator, max_norm):
     """Generator and discriminator each get their true gradient, clipped to max_norm (the
@@ -31,10 +39,7 @@ def test_fp16_clipping_unscales_each_optimiser_once(fp16_accelerator, max_norm):
     from train.loop import step_optimisers
 
     acc = fp16_accelerator
-    torch.manual_seed(0)
-    gen, disc = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
-    opt_g, opt_d = torch.optim.SGD(gen.parameters(), lr=1.0), torch.optim.SGD(disc.parameters(), lr=1.0)
-    gen, disc, opt_g, opt_d = acc.prepare(gen, disc, opt_g, opt_d)
+    gen, disc, opt_g, opt_d = gan_pair(acc)
     before = [m.weight.detach().clone() for m in (gen, disc)]
     x = torch.ones(2, 4)
     acc.backward(3 * gen(x).sum() + disc(x).sum())  # d/dW: 6 per weight for gen, 2 for disc
@@ -48,14 +53,6 @@ def test_fp16_clipping_unscales_each_optimiser_once(fp16_accelerator, max_norm):
         full = (5 * g**2) ** 0.5
         expected = g * min(1.0, max_norm / full) if max_norm > 0 else g
         torch.testing.assert_close(w0 - module.weight.detach(), torch.full_like(w0, expected), rtol=1e-5, atol=0)
-
-
-def gan_pair(acc):
-    """A generator and a discriminator (one linear layer each) with SGD(lr=1), prepared."""
-    torch.manual_seed(0)
-    gen, disc = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
-    opt_g, opt_d = torch.optim.SGD(gen.parameters(), lr=1.0), torch.optim.SGD(disc.parameters(), lr=1.0)
-    return acc.prepare(gen, disc, opt_g, opt_d)
 
 
 def one_step_run(acc, gen, disc, opt_g, opt_d, tmp_path):
