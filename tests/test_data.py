@@ -20,8 +20,8 @@ def test_bad_files_are_skipped_and_recorded(image_folder):
     ds = CropDataset(gather_files([image_folder]), crop_size=32)
     batch = collate([ds[(i, 0)] for i in range(len(ds))])
     assert batch["pixels"].shape == (14, 3, 32, 32)  # every slot filled by a usable image
-    assert sum("broken.png" in s for s in batch["skipped"]) >= 1
-    assert sum("empty.jpg" in s for s in batch["skipped"]) >= 1
+    assert sum(s["key"].endswith("broken.png") for s in batch["skipped"]) >= 1
+    assert sum(s["key"].endswith("empty.jpg") for s in batch["skipped"]) >= 1
 
 
 def test_small_images_upscale_or_skip(tmp_path):
@@ -32,7 +32,9 @@ def test_small_images_upscale_or_skip(tmp_path):
     assert up[(files.index(tmp_path / "small.png"), 0)]["path"].endswith("small.png")
     skip = CropDataset(files, crop_size=32, small_images="skip")
     item = skip[(files.index(tmp_path / "small.png"), 0)]
-    assert item["path"].endswith("big.png") and "smaller than crop" in item["skipped"][0]
+    record = item["skipped"][0]
+    assert item["path"].endswith("big.png") and "smaller than crop" in record["reason"]
+    assert record["key"].endswith("small.png") and "small.png" in record["reason"]  # the file is named
 
 
 def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
@@ -119,7 +121,7 @@ def test_a_corrupt_member_is_skipped_and_recorded_by_its_key(tmp_path, photos):
     ds = CropDataset(gather_inputs([tmp_path / "shards"]), crop_size=32)
     batch = collate([ds[(i, 0)] for i in range(len(ds))])
     assert batch["pixels"].shape[0] == len(photos)  # the slot is filled by the next usable image
-    assert [s.split(":")[0] for s in batch["skipped"]] == ["train-000000.tar/001.png"]
+    assert [s["key"] for s in batch["skipped"]] == [f"{tmp_path / 'shards' / 'train-000000.tar'}/001.png"]
 
 
 def test_bad_shard_sources_are_clear_errors(tmp_path, photos):
@@ -208,7 +210,7 @@ def test_hugging_face_bad_rows_splits_and_columns(tmp_path, photos):
     hf_dataset(photos, corrupt="002.png").save_to_disk(str(tmp_path / "hf"))
     ds = CropDataset(gather_images([tmp_path / "hf"]), crop_size=32)
     batch = collate([ds[(i, 0)] for i in range(len(ds))])
-    assert batch["pixels"].shape[0] == len(photos) and [s.split(":")[0] for s in batch["skipped"]] == [
+    assert batch["pixels"].shape[0] == len(photos) and [s["key"] for s in batch["skipped"]] == [
         f"{tmp_path / 'hf'}[2]"]
     with pytest.raises(ValueError, match=r"no column 'pixels' \(columns: \['image', 'label'\]\)"):
         gather_images([tmp_path / "hf"], image_column="pixels")

@@ -272,7 +272,7 @@ def validate(cfg: TrainConfig) -> None:
         if value not in allowed:
             raise ValueError(f"{key}: unknown {value!r}; choose from {list(allowed)}")
     if cfg.data.train:
-        from train.streams import is_stream  # late: a config error must not wait for torch
+        from codec.sources.kinds import is_stream  # late: a config error must not wait for torch
 
         streamed = [src for src in cfg.data.train if is_stream(src, cfg.data.streaming)]
         if streamed and len(streamed) != len(cfg.data.train):

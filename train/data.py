@@ -1,21 +1,20 @@
-"""Training data: image folders, webdataset tar shards and file lists; random square crops and
-flips; bad-file handling.
+"""Training data: random square crops and flips of the images of ``data.train``, with bad-file
+handling, and the epoch sampler.
 
-Sources (``data.train``) are listed by :func:`codec.latents.inputs.list_inputs`, the same
-listing ``vae-codec compress`` uses: tar members are indexed by byte range once, then read at
-random, so a sharded dataset is sampled, split across processes and resumed exactly like a
-folder (every image once per epoch, whichever process or worker reads it). Brace patterns
-(``train-{000000..000099}.tar``) expand with ``braceexpand``, as in webdataset. Hugging Face
-``datasets`` (``hf:NAME`` on the Hub, or a ``save_to_disk`` folder) are read by index too, from
-their ``image_column``, with the images decoded by our loader (same conversions and errors).
+Sources are read by :mod:`codec.sources`, the layer ``vae-codec compress``, ``scale`` and
+``eval`` use too: folders, file lists, tar shards (indexed by byte range once, then read at
+random) and Hugging Face datasets by row, so a sharded dataset is sampled, split across
+processes and resumed exactly like a folder (every image once per epoch, whichever process or
+worker reads it). Streams (URLs, ``pipe:``, ``data.streaming``) are :mod:`codec.sources.stream`.
 
 Reproducibility: the crop and flip of an item depend only on ``(seed, epoch, index)`` and the
 order of items only on ``(seed, epoch)``. A resumed run therefore sees exactly the batches the
 uninterrupted run would have seen, whatever the number of DataLoader workers.
 
 A file that cannot be used (unreadable, or smaller than the crop under ``small_images: skip``)
-is replaced by the next usable item and reported in the batch's ``skipped`` list, so batches
-keep their size (which multi-process training needs) and nothing is silently lost.
+is replaced by the next usable item and reported in the batch's ``skipped`` list (records of
+:func:`codec.sources.skip`, keyed by the input's full name), so batches keep their size (which
+multi-process training needs) and nothing is silently lost.
 """
 
 from __future__ import annotations
@@ -29,11 +28,11 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from codec.images import IMAGE_EXTENSIONS, ImageLoadError, center_crop_multiple, list_images, load_image, pil_to_tensor
-from codec.latents.inputs import Input, list_inputs, read_input
+from codec.sources import Input, gather_inputs, read_input, skip
 
 
 class FileImages:
-    """Images that are files or tar members (:class:`Input`), opened by :func:`read_input`."""
+    """Indexed images (:class:`codec.sources.Input`: files, tar members, dataset rows)."""
 
     def __init__(self, inputs: list[Input]):
         self.inputs = inputs
@@ -42,127 +41,15 @@ class FileImages:
         return len(self.inputs)
 
     def key(self, i: int) -> str:
-        return self.inputs[i].key
+        return self.inputs[i].where
 
     def open(self, i: int) -> Image.Image:
         return read_input(self.inputs[i])
 
 
-class HFImages:
-    """The ``column`` of a Hugging Face dataset (map-style: random access, exact resume)."""
-
-    def __init__(self, name: str, column: str = "image", split: str = "train"):
-        try:
-            import datasets
-        except ImportError as exc:
-            raise ImportError(f"{name}: reading Hugging Face datasets needs `pip install vae-codec[hf]` "
-                              "(the datasets library)") from exc
-
-        local = Path(name)
-        if local.is_dir():
-            data = datasets.load_from_disk(str(local))
-            if isinstance(data, datasets.DatasetDict):
-                if split not in data:
-                    raise ValueError(f"{name}: no split {split!r} (it has {sorted(data)}); set data.hf_split")
-                data = data[split]
-        else:
-            data = datasets.load_dataset(name, split=split)
-        if column not in data.column_names:
-            raise ValueError(f"{name}: no column {column!r} (columns: {data.column_names}); set data.image_column")
-        if isinstance(data.features[column], datasets.Image):
-            data = data.cast_column(column, datasets.Image(decode=False))  # bytes: decoded by load_image
-        self.data, self.column, self.name = data, column, name
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def key(self, i: int) -> str:
-        return f"{self.name}[{i}]"
-
-    def open(self, i: int) -> Image.Image:
-        import io
-
-        value = self.data[i][self.column]
-        if isinstance(value, dict) and value.get("bytes") is not None:
-            return load_image(io.BytesIO(value["bytes"]), name=self.key(i))
-        if isinstance(value, dict) and value.get("path"):
-            return load_image(value["path"])
-        if isinstance(value, Image.Image):
-            return load_image(_png_bytes(value), name=self.key(i))
-        raise ImageLoadError(f"{self.key(i)}: column {self.column!r} holds {type(value).__name__}, not an image")
-
-
-class ConcatImages:
-    """Several image sources, indexed one after the other."""
-
-    def __init__(self, parts: list):
-        self.parts = [p for p in parts if len(p)]
-        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def _locate(self, i: int):
-        part = int(np.searchsorted(self.starts, i, side="right")) - 1
-        return self.parts[part], i - int(self.starts[part])
-
-    def key(self, i: int) -> str:
-        part, j = self._locate(i)
-        return part.key(j)
-
-    def open(self, i: int) -> Image.Image:
-        part, j = self._locate(i)
-        return part.open(j)
-
-
-def _png_bytes(img: Image.Image):
-    import io
-
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    buf.seek(0)
-    return buf
-
-
-def is_hf_dataset(source: str | os.PathLike) -> bool:
-    """``hf:NAME`` or a folder written by ``datasets``' ``save_to_disk``."""
-    path = Path(source)
-    return str(source).startswith("hf:") or (path.is_dir() and any(
-        (path / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json")))
-
-
 def gather_images(sources: list[str | os.PathLike], image_column: str = "image", split: str = "train"):
     """The training images of ``data.train``: files, tar shards and Hugging Face datasets."""
-    parts = []
-    files = []
-    for source in sources:
-        if is_hf_dataset(source):
-            parts.append(HFImages(str(source).removeprefix("hf:"), image_column, split))
-        else:
-            files += gather_inputs([source])
-    if files:
-        parts.insert(0, FileImages(files))
-    return parts[0] if len(parts) == 1 else ConcatImages(parts)
-
-
-def gather_inputs(sources: list[str | os.PathLike]) -> list[Input]:
-    """Every training image of several sources (folders with any .tar shards inside, .tar
-    shards, brace patterns of shards, file lists); a clear error for a source with none."""
-    from braceexpand import braceexpand
-
-    items: list[Input] = []
-    for pattern in sources:
-        paths = list(braceexpand(str(pattern)))
-        missing = [p for p in paths if not Path(p).exists()]
-        if missing:
-            more = f" (and {len(missing) - 1} more of the {len(paths)} it names)" if len(missing) > 1 else ""
-            raise FileNotFoundError(f"data source {missing[0]} does not exist{more}")
-        for path in paths:
-            found = list_inputs(path)
-            if not found:
-                raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {path}")
-            items += found
-    return items
+    return FileImages(gather_inputs(sources, image_column, split))
 
 
 def gather_files(sources: list[str | os.PathLike]) -> list[Path]:
@@ -198,7 +85,7 @@ class Cropper:
             w, h = img.size
         if min(w, h) < size:
             if self.small_images == "skip":
-                raise TooSmall(f"{getattr(img, 'filename', '')} {w}x{h} is smaller than crop {size}")
+                raise TooSmall(f"{w}x{h} is smaller than crop {size}")  # the caller names the file
             scale = size / min(w, h)  # upscale the short side to the crop size
             img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
             w, h = img.size
@@ -247,10 +134,10 @@ class CropDataset(Dataset):
                 image = self.crop(self.files.open(i), np.random.default_rng((self.seed, epoch, i)))
                 return {"pixels": image, "path": self.files.key(i), "skipped": skipped}
             except (ImageLoadError, TooSmall) as exc:
-                skipped.append(f"{exc}")
+                skipped.append(skip(self.files.key(i), exc))
         raise RuntimeError(
             f"{self.MAX_REPLACEMENTS} consecutive unusable images starting at {self.files.key(index)}; "
-            f"last reasons: {skipped[-3:]}"
+            f"last reasons: {[s['reason'] for s in skipped[-3:]]}"
         )
 
 

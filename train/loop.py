@@ -273,6 +273,8 @@ def measure_training_latents(run: Run, codec: Codec, dataset: Dataset) -> dict:
 
 
 def save_checkpoint(run: Run, dataset: Dataset) -> Path:
+    gather_skipped(run)  # every rank's records into the checkpoint (each rank saves its state)
+
     def write_extras(folder: Path) -> None:
         save_config(run.cfg, folder / "config.yaml")
         (folder / "vae_config.json").write_text(json.dumps(ckpt.architecture(run.raw_vae.config), indent=2))
@@ -417,6 +419,7 @@ def after_step(run: Run, dataset, validation: Validation, progress, logs: dict, 
 
 def finish(run: Run, dataset: Dataset, validation: Validation) -> Path:
     """The last checkpoint, final validation, ``output_dir/codec`` and the skipped-files list."""
+    gather_skipped(run)
     final = runs.final_checkpoint(run.ckpt_dir, run.state.step, lambda: save_checkpoint(run, dataset))
     codec_dir = run.out / "codec"
     if run.is_main:
@@ -427,7 +430,7 @@ def finish(run: Run, dataset: Dataset, validation: Validation) -> Path:
         if run.state.skipped:
             listing = "".join(f"{f}\t{r}\n" for f, r in sorted(run.state.skipped.items()))
             (run.out / "skipped_files.tsv").write_text(listing)
-            print(f"skipped {len(run.state.skipped)} unusable file(s); listed in {run.out / 'skipped_files.tsv'}")
+            print(f"skipped {len(run.state.skipped)} unusable input(s); listed in {run.out / 'skipped_files.tsv'}")
         print(f"step {run.state.step}: checkpoint {final}, codec {codec_dir}")
     run.accelerator.end_training()
     return codec_dir
@@ -539,13 +542,24 @@ def set_lr(optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def _record_skipped(state: TrainState, skipped: list[str], is_main: bool) -> None:
-    for reason in skipped:
-        path = reason.split(":", 1)[0]
-        if path not in state.skipped:
-            state.skipped[path] = reason
+def gather_skipped(run: Run) -> None:
+    """Merge the skip records of every process (each sees only its own batches); a collective:
+    every rank calls it at the same point."""
+    if run.accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        for records in gather_object([run.state.skipped]):
+            for key, reason in records.items():
+                run.state.skipped.setdefault(key, reason)
+
+
+def _record_skipped(state: TrainState, skipped: list[dict], is_main: bool) -> None:
+    """Keep each skip record (:func:`codec.sources.skip`) under its input's full name."""
+    for record in skipped:
+        if record["key"] not in state.skipped:
+            state.skipped[record["key"]] = record["reason"]
             if is_main:
-                tqdm.write(f"skipped unusable file ({len(state.skipped)} so far): {reason}")
+                tqdm.write(f"skipped unusable input ({len(state.skipped)} so far): {record['reason']}")
 
 
 def _log_image(accelerator: Accelerator, tag: str, path: Path, step: int) -> None:

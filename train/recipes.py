@@ -19,8 +19,9 @@ from codec.evaluation.lpips_weights import load_lpips
 from codec.factors import factors_from_stats
 from codec.models import build_autoencoder, load_autoencoder
 from train.config import TrainConfig
-from train.data import CropDataset, Cropper, collate, gather_images
-from train.streams import StreamCrops, is_stream
+from codec.sources import is_stream
+from codec.sources.stream import ImageStream, cache_path
+from train.data import CropDataset, Cropper, TooSmall, collate, gather_images
 
 
 class Autoencoder(nn.Module):
@@ -58,11 +59,12 @@ class KLF8Recipe:
         return load_lpips(loss.perceptual_net) if loss.perceptual_weight > 0 else None
 
     def dataset(self):
-        """(dataset, collate): a map-style CropDataset, or a StreamCrops where sources stream."""
+        """(dataset, collate): a map-style CropDataset, or an ImageStream where sources stream."""
         d = self.cfg.data
         crop = Cropper(d.crop_size, d.small_images, d.random_flip, d.crop_mode, d.crop_min_fraction)
         if any(is_stream(s, d.streaming) for s in d.train):  # all of them then (train.config.validate)
-            return StreamCrops(d.train, crop, self.cfg.seed, d.image_column, d.hf_split), collate
+            return ImageStream(d.train, crop, self.cfg.seed, d.image_column, d.hf_split, unusable=(TooSmall,),
+                               cache=cache_path(self.cfg.output_dir)), collate
         return CropDataset(gather_images(d.train, d.image_column, d.hf_split), crop, seed=self.cfg.seed), collate
 
     def inputs(self, batch: dict, device: torch.device) -> torch.Tensor:

@@ -18,64 +18,18 @@ recorded skip; side files and metadata rows without an image are listed as ``orp
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from codec.images import ImageLoadError
+from codec.sources.sides import METADATA_FILE, SIDE_EXTENSIONS, Side, read_metadata_jsonl
 
-SIDE_EXTENSIONS = (".txt", ".json", ".cls")
-METADATA_FILE = "metadata.jsonl"
 CAPTION_FIELDS, LABEL_FIELDS = ("caption", "text"), ("label", "cls")
 
 
-def read_range(path: str, offset: int = -1, size: int = -1) -> bytes:
-    """A whole file (``offset`` < 0), or ``size`` bytes from ``offset`` (a tar member)."""
-    with open(path, "rb") as fh:
-        if offset < 0:
-            return fh.read()
-        fh.seek(offset)
-        return fh.read(size)
-
-
-@dataclass(frozen=True)
-class Side:
-    """A side file, or a tar member (``offset``/``size`` >= 0), of one image. (The same byte
-    range as an ``Input``'s, kept a type of its own: side data is never an input image.)"""
-
-    ext: str
-    path: str
-    offset: int = -1
-    size: int = -1
-
-    def read(self) -> bytes:
-        return read_range(self.path, self.offset, self.size)
-
-
-def side_files(image: Path) -> tuple[Side, ...]:
-    return tuple(Side(ext, str(image.with_suffix(ext))) for ext in SIDE_EXTENSIONS if image.with_suffix(ext).is_file())
-
-
-def read_metadata_jsonl(folder: Path) -> dict[str, str]:
-    """``file_name`` -> the row's other fields (as JSON text) of ``folder/metadata.jsonl``."""
-    path = folder / METADATA_FILE
-    if not path.is_file():
-        return {}
-    rows = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            name = row.pop("file_name")
-        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as exc:
-            raise ValueError(f"{path}:{number}: not a JSON object with a file_name ({exc})") from exc
-        rows[Path(name).as_posix()] = json.dumps(row)
-    return rows
-
-
-def conditioning(key: str, sides: tuple[Side, ...], record: str | None) -> dict:
-    """``{"label", "caption", "meta"}`` of one image (None where absent); an unreadable side
-    file raises :class:`ImageLoadError` naming it, so the image is skipped with the reason."""
+def conditioning(key: str, sides: tuple[Side, ...], record: str | None, classes: list[str] | None = None) -> dict:
+    """``{"label", "caption", "meta"}`` of one image (None where absent). An unreadable side file,
+    or a label that is not a class index (a fraction, a list, a name outside ``classes``), raises
+    :class:`ImageLoadError` naming the image, so it is skipped with the reason."""
     meta = json.loads(record) if record else {}
     label = caption = None
     for side in sides:
@@ -84,7 +38,7 @@ def conditioning(key: str, sides: tuple[Side, ...], record: str | None) -> dict:
             if side.ext == ".txt":
                 caption = text
             elif side.ext == ".cls":
-                label = int(text)
+                label = int(text) if text.lstrip("-").isdigit() else text
             else:
                 parsed = json.loads(text)
                 if not isinstance(parsed, dict):
@@ -94,7 +48,41 @@ def conditioning(key: str, sides: tuple[Side, ...], record: str | None) -> dict:
             raise ImageLoadError(f"{key}: its {side.ext} side data is unreadable ({exc})") from exc
     caption = caption if caption is not None else next((meta[f] for f in CAPTION_FIELDS if f in meta), None)
     label = label if label is not None else next((meta[f] for f in LABEL_FIELDS if f in meta), None)
-    return {"label": None if label is None else int(label), "caption": caption, "meta": meta or None}
+    return {"label": class_index(key, label, classes), "caption": caption, "meta": meta or None}
+
+
+def class_index(key: str, label, classes: list[str] | None) -> int | None:
+    """A label as a class index: an integer (or a whole float) as it is, a class name by its place
+    in ``classes``; anything else is an :class:`ImageLoadError` naming the image."""
+    if label is None:
+        return None
+    if isinstance(label, bool) or not isinstance(label, (int, float, str)):
+        raise ImageLoadError(f"{key}: label {label!r} is a {type(label).__name__}, not a class index or name")
+    if isinstance(label, float):
+        if not label.is_integer():
+            raise ImageLoadError(f"{key}: label {label!r} is not a whole number (a class index)")
+        return int(label)
+    if isinstance(label, int):
+        return label
+    if classes is not None and label in classes:
+        return classes.index(label)
+    raise ImageLoadError(f"{key}: label {label!r} is a class name outside the class list "
+                         f"({'none was found at the start' if classes is None else len(classes)} classes); class "
+                         "names are read from metadata.jsonl, a Hugging Face dataset's label column or class "
+                         "folders; use integer labels in .cls/.json side files")
+
+
+def string_classes(records) -> list[str] | None:
+    """The sorted class names of the string labels among ``records`` (metadata rows as JSON
+    text), None when no label is a string."""
+    names = set()
+    for record in records:
+        if record:
+            row = json.loads(record)
+            label = next((row[f] for f in LABEL_FIELDS if f in row), None)
+            if isinstance(label, str):
+                names.add(label)
+    return sorted(names) or None
 
 
 def folder_classes(source: Path, keys: list[str]) -> list[str]:
