@@ -11,10 +11,12 @@ source of their kind is read.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
+from pathlib import Path
 
 from codec.images import IMAGE_EXTENSIONS
 from codec.sources.files import Input, input_record, list_inputs, read_input
-from codec.sources.kinds import check_local, expand, is_hf_dataset, is_stream, is_url, unknown_source
+from codec.sources.kinds import check_local, expand, is_hf_dataset, is_stream, is_url
 
 __all__ = ["Input", "gather_inputs", "input_record", "is_hf_dataset", "is_stream", "is_url", "list_inputs",
            "list_source", "read_input", "skip"]
@@ -26,12 +28,22 @@ def skip(key: str, reason: str) -> dict:
     return {"key": key, "reason": reason if key in reason else f"{key}: {reason}"}
 
 
-def list_source(source: str | os.PathLike, column: str = "image", split: str = "train") -> list[Input]:
-    """The inputs of one indexed source (see :mod:`codec.sources.kinds` for the forms); a brace
-    pattern gives the inputs of every source it names. Raises for a stream, a missing source or
-    one without images."""
-    if is_url(source):
-        raise unknown_source(source, "a URL or pipe: command is a stream, not readable by index here")
+def list_source(source: str | os.PathLike, column: str = "image", split: str = "train", streaming: bool = False,
+                limit: int | None = None, problems: list | None = None) -> list[Input]:
+    """The inputs of one source (see :mod:`codec.sources.kinds` for the forms); a brace pattern
+    gives the inputs of every source it names, keyed ``shard.tar/member``. A stream is read once,
+    in order, up to ``limit`` images, which are held in memory still encoded (what ``eval`` and
+    ``scale`` need; ``compress`` reads streams shard by shard instead); a shard that cannot be read
+    to its end adds a skip record to ``problems`` (printed as a warning without it). Raises for a
+    missing source or one without images."""
+    if is_stream(source, streaming):
+        found: list[dict] = []
+        items = _read_stream(source, column, split, limit, found)
+        if problems is None:
+            print("".join(f"warning: {p['reason']}\n" for p in found), end="")
+        else:
+            problems += found
+        return items
     if is_hf_dataset(source):
         from codec.sources.hf import open_dataset
 
@@ -39,11 +51,33 @@ def list_source(source: str | os.PathLike, column: str = "image", split: str = "
         return [Input(f"{source}[{i}]", str(source), row=i, column=column, split=split) for i in range(len(data))]
     check_local(source)
     items: list[Input] = []
-    for path in expand(source):
+    paths = expand(source)
+    for path in paths:
         found = list_inputs(path)
         if not found:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) or .tar shards found in {path}")
+        if len(paths) > 1:  # members of different shards may share names
+            found = [replace(item, key=f"{Path(path).name}/{item.key}") for item in found]
         items += found
+    return items[:limit] if limit else items
+
+
+def _read_stream(source, column: str, split: str, limit: int | None, problems: list) -> list[Input]:
+    import tarfile
+
+    from codec.sources.stream import shard_problem, stream_shards
+
+    items: list[Input] = []
+    for shard in stream_shards([source], column, split):
+        try:
+            for key, _, _, data in shard.samples():
+                items.append(Input(key, shard.name, data=data if data is not None else b""))
+                if limit and len(items) >= limit:
+                    return items
+        except (OSError, tarfile.TarError, EOFError) as exc:  # named, and the rest is used
+            problems.append(skip(shard.where, shard_problem(exc)))
+    if not items:
+        raise ValueError(f"no images in the stream {source}" + (f" ({problems[0]['reason']})" if problems else ""))
     return items
 
 

@@ -38,12 +38,15 @@ class Input:
     row: int = -1  # its row in a Hugging Face dataset (``path``), read from ``column`` of ``split``
     column: str = "image"
     split: str = "train"
+    data: bytes | None = None  # an image read from a stream, held encoded (eval and scale of a stream)
 
     @property
     def where(self) -> str:
         """The full name of this input: its file, its tar and member, or its dataset and row."""
         if self.row >= 0:
             return f"{self.path}[{self.row}]"
+        if self.data is not None:
+            return self.key
         return self.path if self.member is None else f"{self.path}/{self.member}"
 
 
@@ -113,6 +116,8 @@ def _sorted_unique(items) -> list[Input]:
 
 
 def read_input(item: Input) -> Image.Image:
+    if item.data is not None:
+        return load_image(io.BytesIO(item.data), name=item.where)
     if item.row >= 0:
         from codec.sources.hf import image_of, open_dataset
 

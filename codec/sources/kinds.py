@@ -69,4 +69,5 @@ def check_local(source: str | os.PathLike) -> None:
     missing = [p for p in paths if not Path(p).exists()]
     if missing:
         more = f" (and {len(missing) - 1} more of the {len(paths)} it names)" if len(missing) > 1 else ""
-        raise FileNotFoundError(f"data source {missing[0]} does not exist{more}")
+        raise FileNotFoundError(f"data source {missing[0]} does not exist{more} (a source is one of: "
+                                f"{'; '.join(FORMS)})")

@@ -59,8 +59,9 @@ class Shard:
         return self.name if self.index < 0 else f"{self.name}[shard {self.index} of {self.of}]"
 
     def samples(self, start: int = 0):
-        """``(key, () -> PIL image, sides)`` of this shard's images from image ``start`` on, in
-        stream order. Damage ends it with :class:`OSError` / ``tarfile`` errors naming the shard."""
+        """``(key, () -> PIL image, sides, encoded bytes or None)`` of this shard's images from image
+        ``start`` on, in stream order. Damage ends it with :class:`OSError` / ``tarfile`` errors
+        naming the shard."""
         if self.index >= 0:
             yield from _dataset_samples(self, start)
             return
@@ -68,7 +69,7 @@ class Shard:
             for n, (member, data, sides) in enumerate(tars.stream_samples(stream, self.name)):
                 if n >= start:
                     key = f"{self.name}/{member}"
-                    yield key, (lambda d=data, k=key: load_image(io.BytesIO(d), name=k)), sides
+                    yield key, (lambda d=data, k=key: load_image(io.BytesIO(d), name=k)), sides, data
 
     def count(self) -> tuple[int, str | None]:
         """(images readable, the reason it ended early or None)."""
@@ -80,7 +81,7 @@ class Shard:
                 for _ in tars.stream_samples(stream, self.name):
                     n += 1
         except (OSError, tarfile.TarError, EOFError) as exc:
-            return n, _shard_problem(exc)
+            return n, shard_problem(exc)
         return n, None
 
 
@@ -95,7 +96,7 @@ def open_url(url: str):
         raise OSError(f"{url}: cannot open ({type(exc).__name__}: {exc})") from exc
 
 
-def _shard_problem(exc: BaseException) -> str:
+def shard_problem(exc: BaseException) -> str:
     return f"shard unreadable or cut short ({type(exc).__name__}: {exc})"
 
 
@@ -111,7 +112,8 @@ def _dataset_samples(shard: Shard, start: int):
         value = values[shard.column]
         record = row_record(values, shard.column)
         sides = {".json": record.encode()} if record else {}
-        yield key, (lambda v=value, k=key: image_of(v, k, shard.column)), sides
+        raw = value.get("bytes") if isinstance(value, dict) else None
+        yield key, (lambda v=value, k=key: image_of(v, k, shard.column)), sides, raw
 
 
 def stream_shards(sources, column: str = "image", split: str = "train") -> list[Shard]:
@@ -297,11 +299,11 @@ class ImageStream(IterableDataset):
         for step in range(len(order) + 1):
             shard = self.shards[order[(place + step) % len(order)]]
             try:
-                for key, image, sides in shard.samples(inner):
+                for key, image, sides, _ in shard.samples(inner):
                     yield position, key, image, sides
                     position += 1
             except (OSError, tarfile.TarError, EOFError) as exc:  # recorded under the shard's name
-                pending.append(skip(shard.where, _shard_problem(exc)))
+                pending.append(skip(shard.where, shard_problem(exc)))
             inner = 0
 
     def head(self, count: int) -> list[torch.Tensor]:
