@@ -18,9 +18,9 @@ from codec import equivariance
 from codec.evaluation.lpips_weights import load_lpips
 from codec.factors import factors_from_stats
 from codec.models import build_autoencoder, load_autoencoder
-from train.config import TrainConfig
 from codec.sources import is_stream
 from codec.sources.stream import ImageStream, cache_path
+from train.config import TrainConfig
 from train.data import CropDataset, Cropper, TooSmall, collate, gather_images
 
 

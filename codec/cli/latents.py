@@ -7,13 +7,13 @@ import os
 import sys
 from pathlib import Path
 
-from codec.cli.options import codec_args, tile_args
+from codec.cli.options import codec_args, source_args, tile_args
 from codec.codec import DOWNSAMPLE, Codec
 from codec.latents import shards as sh
 from codec.latents.compress import compress, decompress
-from codec.latents.inputs import list_inputs
 from codec.latents.scale import apply_factors, measure_images
 from codec.launch import relaunch_if_needed
+from codec.sources import list_source
 
 
 def _default_workers() -> int:
@@ -25,7 +25,10 @@ def register(sub) -> None:
     p = sub.add_parser("compress", help="image folder / tar shards -> latent shards (resumable)")
     codec_args(p)
     p.add_argument("--input", required=True,
-                   help="image folder (recursive, .tar shards included), a .tar, or a file list")
+                   help="image folder (recursive, .tar shards included), a file list, a .tar or a brace pattern of "
+                        "them, a URL or pipe: command of .tar shards (streamed, one chunk per shard), hf:NAME or a "
+                        "save_to_disk folder (the values data.train takes)")
+    source_args(p)
     p.add_argument("--output", required=True, help="folder for shards/ and manifest.json")
     p.add_argument("--resolution", type=int, default=None,
                    help="resize the short side and centre-crop to this square "
@@ -75,7 +78,9 @@ def register(sub) -> None:
     p = sub.add_parser("scale",
                        help="measure scaling_factor (and shift) on images, write it into the codec")
     codec_args(p)
-    p.add_argument("--input", required=True, help="image folder, .tar or file list")
+    p.add_argument("--input", required=True, help="images: any source compress takes (a stream is read from "
+                   "its start, --samples images)")
+    source_args(p)
     p.add_argument("--resolution", type=int, default=256,
                    help="centre crop the statistics are measured on")
     p.add_argument("--samples", type=int, default=512, help="images used, spread over the input")
@@ -97,7 +102,7 @@ def cmd_compress(args) -> int:
         latent_dtype=args.latent_dtype, shard_size=args.shard_size, batch_size=args.batch_size,
         num_workers=args.num_workers, device=args.device, dtype=args.dtype, seed=args.seed,
         progress=not args.no_progress, flip=args.flip, labels=args.labels, buckets=args.buckets,
-        bucket_step=args.bucket_step,
+        bucket_step=args.bucket_step, image_column=args.image_column, split=args.split, streaming=args.streaming,
     )
     return 0
 
@@ -106,8 +111,11 @@ def cmd_verify(args) -> int:
     manifest = sh.load_manifest(args.latents)
     source = args.input or manifest["inputs"]["source"]
     keys = None
-    if Path(source).exists():
-        keys = [i.key for i in list_inputs(source)]
+    if "shards" in manifest["inputs"]:
+        print(f"note: input {source} is a stream; checked the manifest's own input list only")
+    elif Path(source).exists():
+        options = {k: manifest["inputs"][k] for k in ("image_column", "split") if k in manifest["inputs"]}
+        keys = [i.key for i in list_source(source, options.get("image_column", "image"), options.get("split", "train"))]
     else:
         print(f"note: input {source} is not reachable; checked the manifest's own input list only")
     problems, s = sh.verify(args.latents, keys)
@@ -151,7 +159,8 @@ def cmd_scale(args) -> int:
         args.codec, device=args.device, dtype=args.dtype, batch_size=args.batch_size
     )
     before = codec.scaling_factor
-    stats = measure_images(codec, args.input, args.resolution, args.samples, args.seed, args.num_workers)
+    stats = measure_images(codec, args.input, args.resolution, args.samples, args.seed, args.num_workers,
+                           image_column=args.image_column, split=args.split, streaming=args.streaming)
     apply_factors(codec, stats, "per-channel" if args.per_channel else "shift" if args.shift else "scale")
     # Saved beside and renamed in: the weights being overwritten may still be memory-mapped.
     tmp = target.parent / f"{target.name}{sh.TMP_MARK}scale"

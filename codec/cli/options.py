@@ -26,3 +26,12 @@ def tile_args(p) -> None:
                         "whole-image activations; falls back to blend, with a warning, where they do "
                         "not fit); stats: whole-image GroupNorm statistics estimated in one extra pass; "
                         "blend: each tile its own statistics (plain overlap-and-blend)")
+
+
+def source_args(p) -> None:
+    """How a Hugging Face dataset source is read (the data.image_column / hf_split / streaming
+    of training)."""
+    p.add_argument("--image-column", default="image", help="Hugging Face datasets: the column holding the images")
+    p.add_argument("--split", default="train", help="Hugging Face datasets: the split to read")
+    p.add_argument("--streaming", action="store_true",
+                   help="Hugging Face datasets: stream instead of reading by row (URLs and pipe: always stream)")

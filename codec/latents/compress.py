@@ -30,13 +30,17 @@ from torch.utils.data import DataLoader
 
 from codec.codec import DOWNSAMPLE, Codec
 from codec.factors import scale_latents, scale_std
-from codec.images import IMAGE_EXTENSIONS, save_image
+from codec.images import save_image
 from codec.io import read_metadata
 from codec.latents import shards as sh
 from codec.latents.buckets import make_buckets
-from codec.latents.conditioning import folder_classes, orphans, read_metadata_jsonl
-from codec.latents.inputs import ImageInputs, as_list, list_inputs
+from codec.latents.conditioning import folder_classes, orphans, string_classes
+from codec.latents.inputs import ImageInputs, as_list
+from codec.latents.shard_inputs import ShardInputs
 from codec.models import load_autoencoder
+from codec.sources import is_hf_dataset, is_stream, list_source
+from codec.sources.sides import read_metadata_jsonl
+from codec.sources.stream import stream_shards
 from codec.tiling import check_method
 
 
@@ -87,6 +91,7 @@ class _Chunk:
         self.pending: dict[tuple, list[dict]] = {}  # (h, w) -> decoded items not yet encoded
         self.groups: dict[tuple, dict] = {}  # (h, w) -> {"tensors": {name: [..]}, row lists}
         self.skipped: list[dict] = []
+        self.inputs: list[str] = []  # the keys of every input read for this chunk
 
 
 def compress(
@@ -107,9 +112,13 @@ def compress(
     labels: str = "auto",
     buckets: int | None = None,
     bucket_step: int = 64,
+    image_column: str = "image",
+    split: str = "train",
+    streaming: bool = False,
 ) -> dict | None:
-    """Encode every image of ``source`` into shards under ``output``; returns the manifest's
-    summary on the main process (None on the others). See the module docstring."""
+    """Encode every image of ``source`` (any form of :mod:`codec.sources`) into shards under
+    ``output``; returns the manifest's summary on the main process (None on the others). See the
+    module docstring."""
     from tqdm.auto import tqdm
 
     if store not in sh.STORES:
@@ -134,13 +143,19 @@ def compress(
     rank, world = (state.process_index, state.num_processes) if state else (0, 1)
     barrier = state.wait_for_everyone if state else (lambda: None)
     is_main = rank == 0
-    inputs = list_inputs(source)
-    if not inputs:
-        raise ValueError(
-            f"no images ({', '.join(IMAGE_EXTENSIONS)}) or .tar shards found in {source}"
-        )
+    streamed = is_stream(source, streaming)
+    if streamed and labels == "folders":
+        raise ValueError("--labels folders needs class folders; a stream has none (labels come from .cls/.json)")
+    # A stream is encoded one chunk per input shard (its images are known only once read);
+    # anything else is listed now, sorted by key and cut into chunks of shard_size.
+    shards = stream_shards([source], image_column, split) if streamed else None
+    inputs = [] if streamed else list_source(source, image_column, split)
     device = device or (state.device if state else None)
     codec, codec_info = load_codec(codec_path, device=device, dtype=dtype, batch_size=batch_size)
+    # The class list: class folders (--labels folders), or the string labels of metadata.jsonl /
+    # a dataset's label column, so that "cat" is a class index like a folder name is.
+    classes = (folder_classes(Path(source), [i.key for i in inputs]) if labels == "folders"
+               else None if streamed else label_classes(source, inputs, image_column, split))
     job = {
         "format": sh.FORMAT,
         "version": sh.VERSION,
@@ -153,37 +168,33 @@ def compress(
         },
         # --labels folders: the class list (label i is classes[i]), in the job so a rerun with
         # other classes is another job
-        **({"classes": folder_classes(Path(source), [i.key for i in inputs])} if labels == "folders" else {}),
-        "inputs": {
-            "source": str(Path(source).resolve()),  # absolute: verify lists it again later
-            "count": len(inputs),
-            "keys_sha256": sh.keys_digest(i.key for i in inputs),
-        },
+        **({"classes": classes} if classes else {}),
+        "inputs": _input_set(source, inputs, shards, image_column, split),
     }
     out = Path(output)
     sh.check_or_write_job(out, job, write=False)  # every rank refuses before anyone writes
     if is_main:
         sh.check_or_write_job(out, job, write=True)
     barrier()
-    num_chunks = math.ceil(len(inputs) / shard_size)
+    num_chunks = len(shards) if streamed else math.ceil(len(inputs) / shard_size)
     pending = [c for c in range(num_chunks) if sh.load_record(out, c) is None]
     barrier()  # all ranks list the same pending chunks before any rank commits one
     mine = pending[rank::world]
-    indices = [
-        i for c in mine for i in range(c * shard_size, min((c + 1) * shard_size, len(inputs)))
-    ]
-
+    if streamed:
+        dataset, total = ShardInputs(shards, mine, resolution, bucket_sizes), None
+    else:
+        indices = [i for c in mine for i in range(c * shard_size, min((c + 1) * shard_size, len(inputs)))]
+        dataset, total = ImageInputs(inputs, indices, resolution, bucket_sizes, classes), len(indices)
     loader = DataLoader(
-        ImageInputs(inputs, indices, resolution, bucket_sizes), batch_size=batch_size, num_workers=num_workers,
+        dataset, batch_size=batch_size, num_workers=min(num_workers, len(mine)) if streamed else num_workers,
         collate_fn=as_list, prefetch_factor=4 if num_workers else None,
     )
     storage = sh.LATENT_DTYPES[latent_dtype]
-    classes = job.get("classes")
 
     def label_of(item: dict) -> int | None:
-        if classes is None:
+        if labels != "folders":
             return item["label"]
-        key = inputs[item["index"]].key
+        key = item["key"]
         folder = key.split("/", 1)[0]
         return classes.index(folder) if "/" in key and folder in classes else None
 
@@ -208,7 +219,7 @@ def compress(
         # One random stream per (seed, input): the sample does not depend on batching, ranks or
         # resumes. numpy's SeedSequence takes both numbers (torch's CPU seed keeps only 32 bits).
         noise = torch.from_numpy(np.stack([
-            np.random.default_rng([seed, it["index"]] + ([view] if view else [])).standard_normal(
+            np.random.default_rng([seed, *noise_id(it)] + ([view] if view else [])).standard_normal(
                 mean.shape[1:], dtype=np.float32
             )
             for it in items
@@ -225,7 +236,7 @@ def compress(
         )
         for name, t in encode(items).items():
             group["tensors"].setdefault(name, []).append(t.to(storage))
-        group["keys"] += [inputs[it["index"]].key for it in items]
+        group["keys"] += [it["key"] for it in items]
         group["original_sizes"] += [it["original_size"] for it in items]
         group["crops_top_left"] += [it["crop_top_left"] for it in items]
         group["labels"] += [label_of(it) for it in items]
@@ -251,40 +262,53 @@ def compress(
             entries.append(sh.write_shard(out, name, tensors, group, job))
         # The record is written last: it is what makes the chunk count as done.
         record = {"chunk": chunk.id, "rank": rank, "shards": entries, "skipped": chunk.skipped}
+        if streamed:  # the shard's images are known now: its count and keys join the input set
+            record["inputs"] = chunk.inputs
         sh.atomic_write_json(sh.record_path(out, chunk.id), record)
 
     bar = tqdm(
-        total=len(indices), unit="img", disable=not (progress and is_main), dynamic_ncols=True,
+        total=total, unit="img", disable=not (progress and is_main), dynamic_ncols=True,
         desc=f"encoding (rank 0 of {world})" if world > 1 else "encoding",
     )
-    chunk = None
+    open_chunks: dict[int, _Chunk] = {}  # a stream's workers each fill a chunk of their own
     with bar:
         for batch in loader:
             for item in batch:
-                c = item["index"] // shard_size
-                if chunk is None or chunk.id != c:
-                    if chunk is not None:
-                        commit(chunk)
-                    chunk = _Chunk(c)
-                if item["error"] is None and classes is not None and label_of(item) is None:
+                if "end" in item:  # a stream's shard was read to its end (or to its damage)
+                    chunk = open_chunks.pop(item["end"], None) or _Chunk(item["end"])
+                    if item["problem"]:  # the shard itself, accounted for like an input
+                        chunk.skipped.append(item["problem"])
+                        chunk.inputs.append(item["problem"]["key"])
+                    commit(chunk)
+                    continue
+                if not streamed:
+                    item["key"] = inputs[item["index"]].key
+                c = item["chunk"] if streamed else item["index"] // shard_size
+                if c not in open_chunks:
+                    if not streamed:  # chunks of an input list come one after another
+                        for done in list(open_chunks):
+                            commit(open_chunks.pop(done))
+                    open_chunks[c] = _Chunk(c)
+                chunk = open_chunks[c]
+                chunk.inputs.append(item["key"])
+                if item["error"] is None and labels == "folders" and label_of(item) is None:
                     item["error"] = "not in a class folder (--labels folders)"
                 if item["error"] is not None:
-                    key = inputs[item["index"]].key
-                    chunk.skipped.append({"key": key, "reason": item["error"]})
+                    chunk.skipped.append({"key": item["key"], "reason": item["error"]})
                     continue
                 hw = tuple(item["image"].shape[-2:])
                 chunk.pending.setdefault(hw, []).append(item)
                 if len(chunk.pending[hw]) >= batch_size:
                     flush(chunk, hw)
-            bar.update(len(batch))
-        if chunk is not None:
+            bar.update(sum("end" not in item for item in batch))
+        for chunk in open_chunks.values():
             commit(chunk)
     barrier()
     if not is_main:
         return None
     source_dir = Path(source)
     found_orphans = (orphans(source_dir, [i.path for i in inputs if i.offset < 0], read_metadata_jsonl(source_dir))
-                     if source_dir.is_dir() else [])
+                     if source_dir.is_dir() and not is_hf_dataset(source) else [])
     manifest = sh.merge_manifest(out, job, num_chunks, found_orphans)
     s = manifest["summary"]
     print(
@@ -300,11 +324,39 @@ def compress(
         print(f"  {len(manifest['orphans'])} side file(s) or metadata row(s) without an image, listed as "
               f"'orphans' in {out / sh.MANIFEST_FILE}")
     for item in manifest["skipped"][:10]:
-        print(f"  skipped {item['key']}: {item['reason']}")
+        print(f"  skipped {item['reason'] if item['key'] in item['reason'] else item['key'] + ': ' + item['reason']}")
     if len(manifest["skipped"]) > 10:
         more = len(manifest["skipped"]) - 10
         print(f"  ... and {more} more, all listed in {out / sh.MANIFEST_FILE}")
     return s
+
+
+def _input_set(source, inputs: list, shards: list | None, image_column: str, split: str) -> dict:
+    """The job's input set: the listed keys (count + hash), or a stream's shards (its keys are
+    added to the manifest from the chunk records, once read)."""
+    local = Path(str(source))
+    where = str(local.resolve()) if local.exists() else str(source)  # absolute: verify lists it again later
+    dataset = {"image_column": image_column, "split": split} if is_hf_dataset(source) else {}
+    if shards is not None:
+        return {"source": where, "shards": [s.where for s in shards], **dataset}
+    return {"source": where, "count": len(inputs), "keys_sha256": sh.keys_digest(i.key for i in inputs), **dataset}
+
+
+def label_classes(source, inputs: list, image_column: str, split: str) -> list[str] | None:
+    """The class names of string labels (metadata.jsonl rows, a dataset's string label column),
+    sorted; None when labels are indices or absent."""
+    if is_hf_dataset(source):
+        from codec.sources.hf import open_dataset
+        from codec.sources.hf import string_classes as dataset_classes
+
+        return dataset_classes(open_dataset(str(source), image_column, split), str(source))
+    return string_classes(i.record for i in inputs)
+
+
+def noise_id(item: dict) -> list[int]:
+    """What seeds an input's posterior noise: its index in the input list, or (shard, image) of a
+    stream; independent of batching, ranks and resumes."""
+    return [item["chunk"], item["index"], 0] if "chunk" in item else [item["index"]]
 
 
 # ------------------------------------------------------------------------- decompress

@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 
 from codec.images import ImageLoadError
-from codec.sources.sides import METADATA_FILE, SIDE_EXTENSIONS, Side, read_metadata_jsonl
+from codec.sources.sides import METADATA_FILE, SIDE_EXTENSIONS, Side
 
 CAPTION_FIELDS, LABEL_FIELDS = ("caption", "text"), ("label", "cls")
 

@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from codec.codec import Codec
 from codec.factors import factors_from_stats
-from codec.latents.inputs import ImageInputs, as_list, list_inputs
+from codec.latents.inputs import ImageInputs, as_list
+from codec.sources import is_stream, list_source
 
 
 def spread_sample(num_items: int, samples: int, seed: int) -> list[int]:
@@ -53,14 +54,18 @@ def measure_dataset(codec: Codec, dataset: Dataset, samples: int, seed: int = 0,
     return stats
 
 
-def measure_images(codec: Codec, source, resolution: int, samples: int, seed: int = 0, num_workers: int = 0) -> dict:
-    """:func:`measure_dataset` on the images under ``source`` (folder, ``.tar`` or file list),
-    short side resized to ``resolution`` and centre-cropped square."""
-    inputs = list_inputs(source)
-    if not inputs:
-        raise ValueError(f"no images found in {source}")
-    return measure_dataset(codec, ImageInputs(inputs, list(range(len(inputs))), resolution), samples, seed,
-                           num_workers)
+def measure_images(codec: Codec, source, resolution: int, samples: int, seed: int = 0, num_workers: int = 0,
+                   image_column: str = "image", split: str = "train", streaming: bool = False) -> dict:
+    """:func:`measure_dataset` on the images of ``source`` (any :mod:`codec.sources` form; a
+    stream gives its first ``samples`` images), short side resized to ``resolution`` and
+    centre-cropped square."""
+    problems: list[dict] = []
+    first = samples if is_stream(source, streaming) else None  # a stream: its first images
+    inputs = list_source(source, image_column, split, streaming, limit=first, problems=problems)
+    stats = measure_dataset(codec, ImageInputs(inputs, list(range(len(inputs))), resolution), samples, seed,
+                            num_workers)
+    stats["skipped"] = [p["reason"] for p in problems] + stats["skipped"]
+    return stats
 
 
 def apply_factors(codec: Codec, stats: dict, normalisation: str) -> None:

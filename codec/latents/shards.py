@@ -184,6 +184,9 @@ def job_differences(old: dict, new: dict) -> list[str]:
     oi, ni = old.get("inputs", {}), new.get("inputs", {})
     if (oi.get("count"), oi.get("keys_sha256")) != (ni.get("count"), ni.get("keys_sha256")):
         diffs.append(f"input files: {oi.get('count')} before, {ni.get('count')} now (or renamed)")
+    if oi.get("shards") != ni.get("shards"):  # a stream's input set is its list of shards
+        diffs.append(f"input shards: {len(oi.get('shards') or [])} before, {len(ni.get('shards') or [])} now "
+                     "(or others)")
     return diffs
 
 
@@ -221,7 +224,7 @@ def load_record(out: Path, chunk: int) -> dict | None:
 
 def merge_manifest(out: Path, job: dict, num_chunks: int, orphans: list[dict] | None = None) -> dict:
     """Merge every chunk record into ``manifest.json`` and delete leftovers of killed runs."""
-    shards, skipped = [], []
+    shards, skipped, read = [], [], []
     for chunk in range(num_chunks):
         record = load_record(out, chunk)
         if record is None:
@@ -230,11 +233,15 @@ def merge_manifest(out: Path, job: dict, num_chunks: int, orphans: list[dict] | 
             )
         shards += record["shards"]
         skipped += record["skipped"]
+        read += record.get("inputs", [])
     encoded = sum(s["rows"] for s in shards)
     shapes: dict[str, int] = {}
     for s in shards:
         label = "x".join(map(str, s["latent_shape"]))
         shapes[label] = shapes.get(label, 0) + s["rows"]
+    job = dict(job)
+    if "shards" in job["inputs"]:  # a stream: its input set is what its shards held, known now
+        job["inputs"] = {**job["inputs"], "count": len(read), "keys_sha256": keys_digest(read)}
     manifest = dict(job)
     manifest["summary"] = {
         "inputs": job["inputs"]["count"],

@@ -269,7 +269,7 @@ class ImageStream(IterableDataset):
         """``count`` usable images from position ``start`` of ``epoch``'s sequence, the first
         ``skip_first`` of them only checked (a resumed reader), unusable ones replaced by the next."""
         used, looked = 0, 0
-        for position, key, image, _ in self._sequence(plan, epoch, start, pending):
+        for _, key, image, _ in self._sequence(plan, epoch, start, pending):
             looked += 1
             if looked > plan.total + count:
                 break
