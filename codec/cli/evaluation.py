@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from codec.baseline.arrays import is_array_source
+from codec.cli.options import source_args
 from codec.equivariance import DEFAULT_TRANSFORMS, TRANSFORMS
 from codec.evaluation.evaluate import evaluate, summary_table
 from codec.io import is_mlp_vae
@@ -17,7 +18,10 @@ def register(sub) -> None:
                    help="codec folder (ours, any diffusers AutoencoderKL or AutoencoderTiny); repeat "
                         "to compare; the first one picks the worst images and the reference rate")
     p.add_argument("--data", required=True,
-                   help="image folder or file list; for MLP VAE codecs also an .npz / idx folder (test split)")
+                   help="images: any source compress takes (folder, file list, .tar or brace pattern, URL / pipe: "
+                        "stream, hf:NAME or save_to_disk folder); for MLP VAE codecs also an .npz / idx folder "
+                        "(test split). A stream is read once and held encoded in memory: use --limit")
+    source_args(p)
     p.add_argument("--out", required=True, help="folder for metrics.json, per_image.csv, report.html")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
@@ -56,7 +60,8 @@ def cmd_eval(args) -> int:
                          "(kl-f8 codecs have no tractable log p(x) here)")
     report = evaluate(args.codec, args.data, args.out, device=args.device, dtype=args.dtype,
                       limit=args.limit, worst=args.worst, crop_size=args.crop,
-                      classical=not args.no_classical,
+                      classical=not args.no_classical, image_column=args.image_column, split=args.split,
+                      streaming=args.streaming,
                       transforms=[] if args.transforms == "none" else args.transforms.split(","))
     print(summary_table(report))
     for notice in report["notices"]:

@@ -44,13 +44,14 @@ from codec.evaluation.figures import (
 )
 from codec.evaluation.metrics import IMAGE_METRICS, MS_SSIM_MIN_SIDE, LatentStats, LPIPSMetric, image_metrics, summarize
 from codec.evaluation.references import CLASSICAL_FORMATS, ClassicalCodec, LearnedCodec
-from codec.images import ImageLoadError, center_crop_multiple, list_images, load_image, pil_to_tensor, tensor_to_uint8
+from codec.images import ImageLoadError, center_crop_multiple, pil_to_tensor, tensor_to_uint8
+from codec.sources import Input, list_source, read_input
 
 
 # ------------------------------------------------------------------------- the evaluation
-def _load(path: Path) -> tuple[torch.Tensor, tuple[int, int]]:
+def _load(item: Input) -> tuple[torch.Tensor, tuple[int, int]]:
     """(1, 3, H, W) centre-cropped to multiples of 8, and the size as stored."""
-    x = pil_to_tensor(load_image(path))[None]
+    x = pil_to_tensor(read_input(item))[None]
     return center_crop_multiple(x), tuple(x.shape[-2:])
 
 
@@ -66,14 +67,18 @@ def _labels(paths: list[str]) -> list[str]:
 
 def evaluate(codecs: list[str], data: str, out: str, device: str | None = None,
              dtype: str = "fp32", limit: int = 0, worst: int = 4, crop_size: int = 128,
-             classical: bool = True, transforms: list[str] | None = DEFAULT_TRANSFORMS) -> dict:
+             classical: bool = True, transforms: list[str] | None = DEFAULT_TRANSFORMS,
+             image_column: str = "image", split: str = "train", streaming: bool = False) -> dict:
     """Evaluate ``codecs`` (+ JPEG/WebP) on ``data``; write everything to ``out``; return the
     report (what ``metrics.json`` holds). ``transforms``: those of the equivariance measures
     (empty or None: no latent-space measures)."""
     if worst < 0 or crop_size < 8:
         raise ValueError(f"--worst must be >= 0 and --crop >= 8, got {worst} and {crop_size}")
     check_transforms(transforms or [], where="--transforms")
-    files = list_images(data)[: limit or None]
+    skipped: list[str] = []
+    problems: list[dict] = []  # shards of a stream that could not be read to their end
+    files = list_source(data, image_column, split, streaming, limit=limit or None, problems=problems)
+    skipped += [p["reason"] for p in problems]
     out = Path(out)
     learned = [LearnedCodec(p, device=device, dtype=dtype) for p in codecs]
     names = _labels([str(p) for p in codecs])
@@ -82,7 +87,7 @@ def evaluate(codecs: list[str], data: str, out: str, device: str | None = None,
     rfid, rfid_notice = make_rfid(dev)
     notices = [rfid_notice] if rfid_notice else []
 
-    good, skipped, cropped = [], [], 0
+    good, cropped = [], 0
     for path in files:  # first pass: which files load (and their sizes), before any codec runs
         try:
             x, stored = _load(path)

@@ -40,6 +40,9 @@ class Input:
     split: str = "train"
     data: bytes | None = None  # an image read from a stream, held encoded (eval and scale of a stream)
 
+    def __str__(self) -> str:
+        return self.where
+
     @property
     def where(self) -> str:
         """The full name of this input: its file, its tar and member, or its dataset and row."""

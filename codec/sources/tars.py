@@ -66,22 +66,26 @@ def stream_samples(fileobj, where: str):
     gathered until the sample ends. Raises :class:`TarCutShort` (or a ``tarfile`` error) at the
     point where the archive is damaged, after yielding what came before."""
     current, images, sides = None, [], {}
-    with open_checked(fileobj=fileobj, stream=True) as tf:
-        for member in members(tf, where):
-            if not member.isfile() or not (is_image(member.name) or is_side(member.name)):
-                continue
-            sample = sample_name(member.name)
-            if sample != current:
-                yield from ((name, data, sides) for name, data in images)
-                current, images, sides = sample, [], {}
-            data = tf.extractfile(member).read()
-            if len(data) != member.size:
-                raise TarCutShort(f"{where}: cut short inside {member.name}")
-            if is_image(member.name):
-                images.append((member.name, data))
-            else:
-                sides[Path(member.name).suffix.lower()] = data
-        yield from ((name, data, sides) for name, data in images)
+    try:
+        with open_checked(fileobj=fileobj, stream=True) as tf:
+            for member in members(tf, where):
+                if not member.isfile() or not (is_image(member.name) or is_side(member.name)):
+                    continue
+                sample = sample_name(member.name)
+                if sample != current:
+                    yield from ((name, data, sides) for name, data in images)
+                    current, images, sides = sample, [], {}
+                data = tf.extractfile(member).read()
+                if len(data) != member.size:
+                    raise TarCutShort(f"{where}: cut short inside {member.name}")
+                if is_image(member.name):
+                    images.append((member.name, data))
+                else:
+                    sides[Path(member.name).suffix.lower()] = data
+    except tarfile.TarError:
+        yield from ((name, data, sides) for name, data in images)  # whole images read before the damage
+        raise
+    yield from ((name, data, sides) for name, data in images)
 
 
 def count_images(fileobj, where: str) -> int:
