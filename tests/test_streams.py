@@ -179,6 +179,8 @@ def test_bad_stream_sources(tmp_path, photos):  # noqa: F811
         stream([f"pipe:cat {broken}"])
     with pytest.raises(ValueError, match="a source is one of"):
         stream([str(tmp_path)])
+    with pytest.raises(OSError, match="http://127.0.0.1:9/x.tar: cannot read this shard"):  # nothing listens there
+        stream(["http://127.0.0.1:9/x.tar"])
     assert is_stream("https://host/x.tar") and is_stream("pipe:cat x") and not is_stream(str(tmp_path))
 
 
