@@ -52,7 +52,8 @@ def test_two_processes_record_the_skips_of_every_rank(tmp_path, image_folder):
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "train", "--set", "model.preset=test", "--set", f"output_dir={out}", "--set", f"data.train={image_folder}",
+        "-m", "train", "--set", "model.preset=test", "--set", f"output_dir={out}",
+        "--set", f"data.train={image_folder}",
         "--set", "data.crop_size=32", "--set", f"batch_size={batch}", "--set", f"max_steps={steps}",
         "--set", "checkpoint_every=100", "--set", "data.num_workers=0", "--set", "loss.perceptual_weight=0",
         "--set", "scale_samples=4", "--set", "val_every=0", "--set", "image_every=0",

@@ -211,3 +211,9 @@ def test_training_streams_a_hugging_face_dataset(tmp_path, photos):  # noqa: F81
     assert (tmp_path / "run" / "codec" / "config.json").exists()
     with pytest.raises(SystemExit):  # mixing a stream with indexed sources is refused
         train(tmp_path / "mixed", f"[{tmp_path / 'hf'},pipe:cat x.tar]", "max_steps=1")
+
+
+def test_a_stream_too_small_for_a_batch_is_a_clear_error(tmp_path, photos):  # noqa: F811
+    source = pipe_pattern(write_shards(tmp_path / "s", photos, per_shard=2))
+    with pytest.raises(ValueError, match="the stream holds 6 images, fewer than one batch of 8"):
+        train(tmp_path / "run", source, "max_steps=1", "batch_size=8")

@@ -390,6 +390,7 @@ def training_loader(run: Run, dataset: Dataset, collate_fn) -> DataLoader:
     if isinstance(dataset, IterableDataset):
         dataset.set_rank(acc.process_index, acc.num_processes)
         dataset.set_position(done, cfg.batch_size)
+        dataset.plan(max(cfg.data.num_workers, 1))  # too few images for a batch per process: fails here, not later
         return DataLoader(dataset, **options)
     sampler = EpochSampler(len(dataset), cfg.seed, acc.process_index, acc.num_processes, cfg.batch_size)
     epoch, skip = divmod(done, sampler.per_epoch // cfg.batch_size)

@@ -162,10 +162,11 @@ def count_shards(shards: list[Shard], cache: Path | None = None, progress: bool 
         counts.append(n)
         if problem:
             problems.append(skip(shard.where, problem))
-    if cache is not None:
-        from codec.latents.shards import atomic_write_json
-
-        atomic_write_json(cache, {"shards": names, "counts": counts, "problems": problems})
+    if cache is not None:  # written whole and renamed: processes counting at once never see half a file
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"shards": names, "counts": counts, "problems": problems}))
+        os.replace(tmp, cache)
     return counts, problems
 
 
@@ -181,7 +182,7 @@ class StreamPlan:
         self.total = sum(self.counts)
         self.per_process = self.total // (world * batch_size)  # M: batches of each process per epoch
         if self.per_process == 0:
-            raise ValueError(f"the stream holds {self.total} usable-looking images, fewer than one batch of "
+            raise ValueError(f"the stream holds {self.total} images, fewer than one batch of "
                              f"{batch_size} for each of {world} process(es)")
 
     def order(self, epoch: int) -> list[int]:
