@@ -89,6 +89,18 @@ def blend_ramp(spans: list[Span], i: int, scale: int) -> torch.Tensor:
     return weight
 
 
+def blend_weights(spans: list[Span], scale: int) -> list[torch.Tensor]:
+    """Each span's :func:`blend_ramp` divided by the sum of the ramps at every position, so the
+    weights add up to exactly 1 everywhere, whatever the overlap: with an overlap near half a
+    tile, spans ``i - 1`` and ``i + 1`` can overlap too, where the neighbours' ramps alone would
+    add up to more than 1 (a band too bright)."""
+    ramps = [blend_ramp(spans, i, scale) for i in range(len(spans))]
+    total = torch.zeros(spans[-1][1] * scale)
+    for (start, end), ramp in zip(spans, ramps):
+        total[start * scale : end * scale] += ramp
+    return [ramp / total[start * scale : end * scale] for (start, end), ramp in zip(spans, ramps)]
+
+
 def split_tile_size(tile_size: int, overlap: int | None) -> tuple[int, int]:
     """Tile and overlap in pixels -> (tile, overlap) in latent units, checked.
 
@@ -148,6 +160,7 @@ def run_tiled(
     def sweep(rows: list[Span], cols: list[Span], write: bool):
         """Run every tile of the grid rows x cols; pool over owned regions; blend into out."""
         own_rows, own_cols = owned_spans(rows), owned_spans(cols)
+        row_weights, col_weights = blend_weights(rows, out_scale), blend_weights(cols, out_scale)
         for i, (top, bottom) in enumerate(rows):
             for j, (left, right) in enumerate(cols):
                 stats.tile_hw = (bottom - top, right - left)
@@ -156,7 +169,7 @@ def run_tiled(
                 y = fn(x[..., top * in_scale : bottom * in_scale, left * in_scale : right * in_scale])
                 if write:
                     s = out_scale
-                    weight = blend_ramp(rows, i, s)[:, None] * blend_ramp(cols, j, s)[None, :]
+                    weight = row_weights[i][:, None] * col_weights[j][None, :]
                     out[..., top * s : bottom * s, left * s : right * s] += y.to(out.device, out.dtype) * weight
 
     rows, cols = tile_spans(h, tile, ov), tile_spans(w, tile, ov)

@@ -14,6 +14,8 @@ import warnings
 import pytest
 import torch
 from conftest import REPO, shared, smooth_image
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -21,7 +23,7 @@ from codec import Codec, tiling
 from codec.cli import main
 from codec.images import load_image, pil_to_tensor, save_image
 from codec.models import build_autoencoder
-from codec.tiling import blend_ramp, owned_spans, run_tiled, tile_spans, tiled_decode, tiled_encode
+from codec.tiling import blend_ramp, blend_weights, owned_spans, run_tiled, tile_spans, tiled_decode, tiled_encode
 
 
 def psnr(a, b, peak_to_peak=2.0):
@@ -101,6 +103,33 @@ def test_spans_cover_overlap_and_blend_to_one(length, tile, overlap):
     for i, (s, e) in enumerate(spans):
         total[s * 8 : e * 8] += blend_ramp(spans, i, 8)
     torch.testing.assert_close(total, torch.ones_like(total))
+
+
+@settings(max_examples=300, deadline=None)
+@given(length=st.integers(1, 400), tile=st.integers(4, 64), overlap_share=st.floats(0, 0.4999))
+def test_blend_weights_sum_to_one_for_every_valid_overlap(length, tile, overlap_share):
+    """Every (tile, overlap) split_tile_size accepts (overlap under half the tile), every length:
+    the case of the report was tile 16, overlap 7, a 26-latent side (1.117 with neighbour ramps)."""
+    overlap = int(overlap_share * tile)
+    assert 2 * overlap < tile
+    spans = tile_spans(length, tile, overlap)
+    total = torch.zeros(length * 8)
+    for (s, e), weight in zip(spans, blend_weights(spans, 8)):
+        assert (weight > 0).all()
+        total[s * 8 : e * 8] += weight
+    torch.testing.assert_close(total, torch.ones_like(total), rtol=0, atol=1e-6)
+
+
+def test_the_reported_overlap_no_longer_brightens_a_band():
+    spans = tile_spans(26, 16, 7)  # 208 px, tile 128, overlap 56
+    total = torch.zeros(26 * 8)
+    for i, (s, e) in enumerate(spans):
+        total[s * 8 : e * 8] += blend_ramp(spans, i, 8)
+    assert total.max() > 1.1  # the neighbours' ramps alone: the bright band of the report
+    total.zero_()
+    for (s, e), weight in zip(spans, blend_weights(spans, 8)):
+        total[s * 8 : e * 8] += weight
+    assert abs(total.max().item() - 1) < 1e-6
 
 
 @pytest.mark.parametrize("tile_size", [256, 512])
