@@ -173,8 +173,15 @@ def test_sources_that_name_nothing_are_clear_errors(tmp_path):
         list_source(tmp_path / "empty.tar")
 
 
-def test_eval_reads_a_stream_and_a_tar(codec_dir, tmp_path, photos):  # noqa: F811
-    shards = write_shards(tmp_path / "s", {k: v for k, v in list(photos.items())[:2]}, per_shard=2)
+def test_eval_reads_a_stream_and_a_tar(codec_dir, tmp_path):
+    import io
+
+    small = {}
+    for i in range(2):
+        buf = io.BytesIO()
+        Image.fromarray(smooth_image(i, 64, 80)).save(buf, format="PNG")
+        small[f"{i:03d}.png"] = buf.getvalue()
+    shards = write_shards(tmp_path / "s", small, per_shard=2)
     for source in (pipe(shards), shards[0]):
         out = tmp_path / ("eval-" + str(abs(hash(str(source)))))
         assert main(["eval", "--codec", str(codec_dir), "--data", str(source), "--out", str(out),

@@ -324,7 +324,7 @@ def compress(
         print(f"  {len(manifest['orphans'])} side file(s) or metadata row(s) without an image, listed as "
               f"'orphans' in {out / sh.MANIFEST_FILE}")
     for item in manifest["skipped"][:10]:
-        print(f"  skipped {item['reason'] if item['key'] in item['reason'] else item['key'] + ': ' + item['reason']}")
+        print(f"  skipped {item['key']}: {item['reason'].removeprefix(item['key'] + ': ')}")
     if len(manifest["skipped"]) > 10:
         more = len(manifest["skipped"]) - 10
         print(f"  ... and {more} more, all listed in {out / sh.MANIFEST_FILE}")
