@@ -25,9 +25,10 @@ from codec import single_file
 from codec.factors import scale_latents, unscale_latents
 from codec.images import tensor_to_pil, to_batch
 from codec.io import META_FILE, is_autoencoder_tiny, is_mlp_vae, read_metadata
+from codec.memory import choose_path, parse_memory
 from codec.models import load_autoencoder
 from codec.precision import run_checked
-from codec.tiling import DEFAULT_METHOD, check_method, split_tile_size, tiled_decode, tiled_encode
+from codec.tiling import DEFAULT_METHOD, check_method, split_tile_size, tiled_decode, tiled_encode, warn_once
 
 # Extra metadata saved beside diffusers' files (diffusers ignores unknown files in the folder).
 DOWNSAMPLE = 8
@@ -56,6 +57,12 @@ class Codec:
     "stats" and "blend" also bound host memory, overlapping tiles by ``tile_overlap`` pixels
     (default a quarter of the tile) (see :mod:`codec.tiling`). In fp16/bf16 a batch whose
     result overflows (inf/NaN) is redone in float32, with a warning; ``fallbacks`` counts them.
+
+    Without ``tile_size``, each batch whose untiled pass would need more than the memory budget
+    (``max_memory``: bytes or "8G"; default half the available host memory, or 80 % of the free
+    GPU memory) is encoded/decoded in exact tiles instead (the untiled numbers), with a warning
+    the first time; one too large even in tiles is a :class:`codec.memory.MemoryBudgetError`
+    before any work (see :mod:`codec.memory`).
     """
 
     def __init__(
@@ -68,6 +75,7 @@ class Codec:
         tile_size: int | None = None,
         tile_overlap: int | None = None,
         tile_method: str = DEFAULT_METHOD,
+        max_memory: int | str | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -84,6 +92,7 @@ class Codec:
             split_tile_size(tile_size, tile_overlap)  # a bad tile setting fails here, not mid-job
         self.tile_size, self.tile_overlap = tile_size, tile_overlap
         self.tile_method = check_method(tile_method)
+        self.max_memory = parse_memory(max_memory)  # None: the default budget (codec.memory)
         self.name = f"this {type(vae).__name__}"  # what warnings call it; from_pretrained: the path
         self.fallbacks = 0  # batches redone in float32 after a half-precision overflow
 
@@ -164,18 +173,31 @@ class Codec:
                 chunk = chunk.contiguous(memory_format=torch.channels_last)
             yield chunk
 
+    def _tiling_for(self, op: str, hw: tuple[int, int], batch: int) -> tuple[int | None, int | None, str]:
+        """(tile size, overlap, method) of this batch: the user's tiling, or the path that keeps
+        an image inside the memory budget (:mod:`codec.memory`; untiled where it fits)."""
+        if self.tile_size or is_mlp_vae(self.vae):
+            return self.tile_size, self.tile_overlap, self.tile_method
+        side, method, notice = choose_path(self.vae, op, hw, batch, self.dtype, self.device, self.max_memory)
+        if notice:
+            warn_once(self.vae, f"memory budget: {op} tiles images over the budget (said once): {notice}")
+        return side, None, method
+
     def _encode_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(mean, logvar); logvar None for a deterministic encoder (AutoencoderTiny)."""
-        if self.tile_size:
-            return tiled_encode(self.vae, x, self.tile_size, self.tile_overlap, self.tile_method, self.name)
+        tile, overlap, method = self._tiling_for("encode", tuple(x.shape[-2:]), x.shape[0])
+        if tile:
+            return tiled_encode(self.vae, x, tile, overlap, method, self.name)
         if is_autoencoder_tiny(self.vae):
             return self.vae.encode(x).latents, None
         dist = self.vae.encode(x).latent_dist
         return dist.mean, dist.logvar
 
     def _decode_batch(self, z: torch.Tensor) -> torch.Tensor:
-        if self.tile_size:
-            return tiled_decode(self.vae, z, self.tile_size, self.tile_overlap, self.tile_method, self.name)
+        tile, overlap, method = self._tiling_for("decode", (z.shape[-2] * DOWNSAMPLE, z.shape[-1] * DOWNSAMPLE),
+                                                 z.shape[0])
+        if tile:
+            return tiled_decode(self.vae, z, tile, overlap, method, self.name)
         return self.vae.decode(z).sample
 
     @torch.no_grad()

@@ -28,7 +28,6 @@ tests/test_tiling.py); their mid-block attention is tile-local.
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from typing import Callable
 
@@ -39,6 +38,7 @@ from torch import nn
 from codec import streaming
 from codec.groupnorm import TileNorms
 from codec.io import is_autoencoder_tiny
+from codec.memory import available_host_bytes
 
 DOWNSAMPLE = 8
 METHODS = ("exact", "stats", "blend")
@@ -206,18 +206,6 @@ def warn_once(model: nn.Module, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
-
-
-def available_host_bytes() -> int:
-    """Memory the host can still give (Linux MemAvailable; free pages elsewhere)."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _exact_or_fallback(vae, part: nn.Module, latent_hw, batch: int, dtype, name: str) -> str:

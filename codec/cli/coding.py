@@ -109,6 +109,7 @@ def _codec(args) -> Codec:
     return Codec.from_pretrained(
         args.codec, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
         tile_size=args.tile_size, tile_overlap=args.tile_overlap, tile_method=args.tile_method,
+        max_memory=args.max_memory,
     )
 
 

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from codec.baseline.arrays import is_array_source
-from codec.cli.options import source_args
+from codec.cli.options import memory_arg, source_args
 from codec.equivariance import DEFAULT_TRANSFORMS, TRANSFORMS
 from codec.evaluation.evaluate import evaluate, summary_table
 from codec.io import is_mlp_vae
@@ -22,6 +22,7 @@ def register(sub) -> None:
                         "stream, hf:NAME or save_to_disk folder); for MLP VAE codecs also an .npz / idx folder "
                         "(test split). A stream is read once and held encoded in memory: use --limit")
     source_args(p)
+    memory_arg(p)
     p.add_argument("--out", required=True, help="folder for metrics.json, per_image.csv, report.html")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
@@ -61,7 +62,7 @@ def cmd_eval(args) -> int:
     report = evaluate(args.codec, args.data, args.out, device=args.device, dtype=args.dtype,
                       limit=args.limit, worst=args.worst, crop_size=args.crop,
                       classical=not args.no_classical, image_column=args.image_column, split=args.split,
-                      streaming=args.streaming,
+                      streaming=args.streaming, max_memory=args.max_memory,
                       transforms=[] if args.transforms == "none" else args.transforms.split(","))
     print(summary_table(report))
     for notice in report["notices"]:

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from codec.cli.options import codec_args, source_args, tile_args
+from codec.cli.options import codec_args, memory_arg, source_args, tile_args
 from codec.codec import DOWNSAMPLE, Codec
 from codec.latents import shards as sh
 from codec.latents.compress import compress, decompress
@@ -72,6 +72,7 @@ def register(sub) -> None:
                    help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--batch-size", type=int, default=8)
+    memory_arg(p)
     tile_args(p)
     p.set_defaults(func=cmd_decompress)
 
@@ -103,6 +104,7 @@ def cmd_compress(args) -> int:
         num_workers=args.num_workers, device=args.device, dtype=args.dtype, seed=args.seed,
         progress=not args.no_progress, flip=args.flip, labels=args.labels, buckets=args.buckets,
         bucket_step=args.bucket_step, image_column=args.image_column, split=args.split, streaming=args.streaming,
+        max_memory=args.max_memory,
     )
     return 0
 
@@ -135,7 +137,7 @@ def cmd_verify(args) -> int:
 def cmd_decompress(args) -> int:
     n = decompress(
         args.latents, args.output, args.codec, args.device, args.dtype, args.batch_size,
-        args.tile_size, args.tile_overlap, args.tile_method,
+        args.tile_size, args.tile_overlap, args.tile_method, max_memory=args.max_memory,
     )
     print(f"decoded {n} images into {args.output}")
     return 0
@@ -156,7 +158,7 @@ def cmd_scale(args) -> int:
     if args.resolution <= 0 or args.resolution % DOWNSAMPLE:
         raise ValueError(f"--resolution must be a positive multiple of {DOWNSAMPLE}")
     codec = Codec.from_pretrained(
-        args.codec, device=args.device, dtype=args.dtype, batch_size=args.batch_size
+        args.codec, device=args.device, dtype=args.dtype, batch_size=args.batch_size, max_memory=args.max_memory
     )
     before = codec.scaling_factor
     stats = measure_images(codec, args.input, args.resolution, args.samples, args.seed, args.num_workers,

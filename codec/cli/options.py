@@ -12,6 +12,14 @@ def codec_args(p) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--batch-size", type=int, default=8)
+    memory_arg(p)
+
+
+def memory_arg(p) -> None:
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory budget of one encode/decode pass, e.g. 8G or 512M (default: half the available "
+                        "host memory, or 80%% of the free GPU memory); images over it are done in exact tiles "
+                        "(the same numbers), images too large even tiled are refused before any work")
 
 
 def tile_args(p) -> None:

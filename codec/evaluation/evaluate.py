@@ -68,7 +68,8 @@ def _labels(paths: list[str]) -> list[str]:
 def evaluate(codecs: list[str], data: str, out: str, device: str | None = None,
              dtype: str = "fp32", limit: int = 0, worst: int = 4, crop_size: int = 128,
              classical: bool = True, transforms: list[str] | None = DEFAULT_TRANSFORMS,
-             image_column: str = "image", split: str = "train", streaming: bool = False) -> dict:
+             image_column: str = "image", split: str = "train", streaming: bool = False,
+             max_memory: int | str | None = None) -> dict:
     """Evaluate ``codecs`` (+ JPEG/WebP) on ``data``; write everything to ``out``; return the
     report (what ``metrics.json`` holds). ``transforms``: those of the equivariance measures
     (empty or None: no latent-space measures)."""
@@ -80,7 +81,7 @@ def evaluate(codecs: list[str], data: str, out: str, device: str | None = None,
     files = list_source(data, image_column, split, streaming, limit=limit or None, problems=problems)
     skipped += [p["reason"] for p in problems]
     out = Path(out)
-    learned = [LearnedCodec(p, device=device, dtype=dtype) for p in codecs]
+    learned = [LearnedCodec(p, device=device, dtype=dtype, max_memory=max_memory) for p in codecs]
     names = _labels([str(p) for p in codecs])
     dev = learned[0].device
     lpips = {"alex": LPIPSMetric("alex", dev), "vgg": LPIPSMetric("vgg", dev)}

@@ -66,7 +66,7 @@ class LearnedCodec:
 
     learned = True
 
-    def __init__(self, path: str | os.PathLike, device=None, dtype: str = "fp32"):
+    def __init__(self, path: str | os.PathLike, device=None, dtype: str = "fp32", max_memory=None):
         self.path = str(path)
         self.kind = autoencoder_class(path)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -74,7 +74,7 @@ class LearnedCodec:
             raise ValueError(
                 f"{path}: {self.kind} is not supported; choose an AutoencoderKL or AutoencoderTiny folder"
             )
-        self.codec = Codec.from_pretrained(path, device=self.device, dtype=dtype, batch_size=1)
+        self.codec = Codec.from_pretrained(path, device=self.device, dtype=dtype, batch_size=1, max_memory=max_memory)
         self.vae = self.codec.vae
         self.parameters = count_parameters(self.vae)
         # reported only: the latents are scaled by codec.factors, which also applies any

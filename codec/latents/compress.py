@@ -54,7 +54,7 @@ def weights_sha256(vae) -> str:
     return h.hexdigest()
 
 
-def load_codec(path, device=None, dtype="fp32", batch_size=8) -> tuple[Codec, dict]:
+def load_codec(path, device=None, dtype="fp32", batch_size=8, max_memory=None) -> tuple[Codec, dict]:
     """The codec and its description for a manifest (config, factors, weight hash, metadata)."""
     vae = load_autoencoder(path).float()  # hashed in fp32 on the CPU, whatever --dtype is
     meta = read_metadata(path)
@@ -67,7 +67,7 @@ def load_codec(path, device=None, dtype="fp32", batch_size=8) -> tuple[Codec, di
             {k: v for k, v in vae.config.items() if not k.startswith("_")}, default=str
         )),
     }
-    codec = Codec(vae, device=device, dtype=dtype, batch_size=batch_size, meta=meta)
+    codec = Codec(vae, device=device, dtype=dtype, batch_size=batch_size, meta=meta, max_memory=max_memory)
     info.update(scaling_factor=codec.scaling_factor, shift_factor=codec.shift_factor, meta=meta)
     return codec, info
 
@@ -115,6 +115,7 @@ def compress(
     image_column: str = "image",
     split: str = "train",
     streaming: bool = False,
+    max_memory: int | str | None = None,
 ) -> dict | None:
     """Encode every image of ``source`` (any form of :mod:`codec.sources`) into shards under
     ``output``; returns the manifest's summary on the main process (None on the others). See the
@@ -151,7 +152,8 @@ def compress(
     shards = stream_shards([source], image_column, split) if streamed else None
     inputs = [] if streamed else list_source(source, image_column, split)
     device = device or (state.device if state else None)
-    codec, codec_info = load_codec(codec_path, device=device, dtype=dtype, batch_size=batch_size)
+    codec, codec_info = load_codec(codec_path, device=device, dtype=dtype, batch_size=batch_size,
+                                   max_memory=max_memory)
     # The class list: class folders (--labels folders), or the string labels of metadata.jsonl /
     # a dataset's label column, so that "cat" is a class index like a folder name is.
     classes = (folder_classes(Path(source), [i.key for i in inputs]) if labels == "folders"
@@ -380,14 +382,15 @@ def codec_of_latents(manifest: dict, codec_path=None, **kwargs) -> Codec:
 
 def decompress(
     latents_dir, output, codec_path=None, device=None, dtype="fp32", batch_size=8,
-    tile_size=None, tile_overlap=None, tile_method=None,
+    tile_size=None, tile_overlap=None, tile_method=None, max_memory=None,
 ) -> int:
     """Decode every shard row to ``output/<key>.png`` (the suffix replaced); returns the count."""
     from safetensors import safe_open
 
     out_dir, src = Path(output), Path(latents_dir)
     manifest = sh.load_manifest(src)
-    codec = codec_of_latents(manifest, codec_path, device=device, dtype=dtype, batch_size=batch_size)
+    codec = codec_of_latents(manifest, codec_path, device=device, dtype=dtype, batch_size=batch_size,
+                             max_memory=max_memory)
     codec.tile_size, codec.tile_overlap = tile_size, tile_overlap
     codec.tile_method = codec.tile_method if tile_method is None else check_method(tile_method)
     used, count = set(), 0
