@@ -1,4 +1,4 @@
-"""CPU training with and without ``keep_freed_memory`` (:mod:`train.host_memory`), side by side.
+"""CPU training with and without ``keep_freed_memory`` (:mod:`codec.host_memory`), side by side.
 
 glibc's malloc settings are process-wide and cannot be put back exactly once changed, so each
 run is a fresh ``python -m train`` process: the recipe of ``scripts.bench_vs_diffusers`` (tiny

@@ -35,7 +35,7 @@ def plain_loop(preset: str, crops: torch.Tensor, steps: int, batch: int, lr: flo
     """Seconds for ``steps`` optimiser steps of a hand-written loop (keeping freed memory as ours
     does on CPUs, so that the difference is the loop's)."""
     from codec.models import build_autoencoder
-    from train.host_memory import keeping_freed_memory
+    from codec.host_memory import keeping_freed_memory
 
     with keeping_freed_memory(True):
         torch.manual_seed(0)

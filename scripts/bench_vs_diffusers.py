@@ -113,7 +113,7 @@ def plain_loop(crops: torch.Tensor, first: int, last: int, batch: int, ema_decay
     from codec.models import build_autoencoder
     from train.config import LossConfig
     from train.discriminator import PatchDiscriminator
-    from train.host_memory import keeping_freed_memory
+    from codec.host_memory import keeping_freed_memory
     from train.losses import GeneratorLoss, discriminator_loss
     from train.recipes import frozen
 

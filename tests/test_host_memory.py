@@ -1,4 +1,4 @@
-"""train.host_memory: while kept, a CPU training step reuses the memory the previous one freed
+"""codec.host_memory: while kept, a CPU training step reuses the memory the previous one freed
 (no page faults); afterwards the process gives it back. Measured with the kernel's page-fault
 count in a fresh interpreter, since glibc's malloc settings are process-wide."""
 
@@ -23,7 +23,7 @@ needs_glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_v
 # workspaces come and go with every step.
 STEPS = """
 import resource, torch
-from train.host_memory import keeping_freed_memory
+from codec.host_memory import keeping_freed_memory
 torch.manual_seed(0); torch.set_num_threads(1)
 conv, x = torch.nn.Conv2d(64, 64, 3, padding=1), torch.rand(4, 64, 128, 128, requires_grad=True)
 

@@ -148,7 +148,7 @@ class TrainConfig:
     resume: bool = False  # continue from the latest checkpoint in output_dir
     max_nonfinite_steps: int = 5  # skip steps with an inf/NaN loss; stop after this many in a row
     deterministic: bool = False  # deterministic GPU kernels (slower); CPU runs are always repeatable
-    keep_freed_memory: bool = True  # CPU runs: reuse freed memory, no page faults (train.host_memory)
+    keep_freed_memory: bool = True  # CPU runs: reuse freed memory, no page faults (codec.host_memory)
 
 
 # ------------------------------------------------------------------------- the command line

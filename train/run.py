@@ -16,7 +16,7 @@ from diffusers.training_utils import EMAModel
 
 from train import checkpoints as ckpt
 from train.config import save_config, to_dict
-from train.host_memory import keeping_freed_memory as _keeping
+from codec.host_memory import keeping_freed_memory as _keeping
 
 
 class TrainState:
@@ -46,7 +46,7 @@ def resolve_mixed_precision(choice: str) -> str:
 
 def keeping_freed_memory(cfg):
     """``with keeping_freed_memory(cfg):`` the run; on CPU runs with ``keep_freed_memory`` the
-    process keeps what a step frees for the next one (:mod:`train.host_memory`)."""
+    process keeps what a step frees for the next one (:mod:`codec.host_memory`)."""
     return _keeping(cfg.keep_freed_memory and not torch.cuda.is_available())
 
 
