@@ -34,8 +34,8 @@ def speedup(slower: list[float], faster: list[float], digits: int = 2) -> str:
 def plain_loop(preset: str, crops: torch.Tensor, steps: int, batch: int, lr: float, precision: str) -> float:
     """Seconds for ``steps`` optimiser steps of a hand-written loop (keeping freed memory as ours
     does on CPUs, so that the difference is the loop's)."""
-    from codec.models import build_autoencoder
     from codec.host_memory import keeping_freed_memory
+    from codec.models import build_autoencoder
 
     with keeping_freed_memory(True):
         torch.manual_seed(0)

@@ -110,10 +110,10 @@ def plain_loop(crops: torch.Tensor, first: int, last: int, batch: int, ema_decay
     from diffusers.training_utils import EMAModel
 
     from codec.evaluation.lpips_weights import load_lpips
+    from codec.host_memory import keeping_freed_memory
     from codec.models import build_autoencoder
     from train.config import LossConfig
     from train.discriminator import PatchDiscriminator
-    from codec.host_memory import keeping_freed_memory
     from train.losses import GeneratorLoss, discriminator_loss
     from train.recipes import frozen
 

@@ -14,9 +14,9 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
 
+from codec.host_memory import keeping_freed_memory as _keeping
 from train import checkpoints as ckpt
 from train.config import save_config, to_dict
-from codec.host_memory import keeping_freed_memory as _keeping
 
 
 class TrainState:
