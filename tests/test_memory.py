@@ -87,3 +87,25 @@ def test_eval_records_a_truncated_jpeg_among_big_images_and_evaluates_the_others
                  "--transforms", "none", "--worst", "1", "--max-memory", "40M"]) == 0
     report = json.loads((out / "metrics.json").read_text())
     assert report["images"] == 2 and len(report["skipped"]) == 1 and "cut.jpg" in report["skipped"][0]
+
+
+def test_lpips_vgg_in_tiles_equals_the_whole_image_value():
+    import lpips
+
+    from codec.evaluation.lpips_tiles import tiled_lpips_vgg
+    from codec.evaluation.metrics import LPIPSMetric
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torchvision's deprecated pretrained= inside lpips
+        model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval()
+    for h, w in ((300, 344), (257, 513)):  # sides that are not multiples of the stride too
+        x = torch.rand(2, 3, h, w) * 2 - 1
+        y = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1)
+        with torch.no_grad():
+            whole, tiled = model(x, y).flatten(), tiled_lpips_vgg(model, x, y, tile=128)
+        torch.testing.assert_close(tiled, whole, rtol=1e-4, atol=0)
+    metric = LPIPSMetric("vgg", max_memory=2**20)  # over this budget: the metric tiles
+    metric._model = model
+    assert metric._over_budget(x)
+    torch.testing.assert_close(metric(x, y), whole, rtol=1e-4, atol=0)

@@ -45,6 +45,7 @@ from codec.evaluation.figures import (
 from codec.evaluation.metrics import IMAGE_METRICS, MS_SSIM_MIN_SIDE, LatentStats, LPIPSMetric, image_metrics, summarize
 from codec.evaluation.references import CLASSICAL_FORMATS, ClassicalCodec, LearnedCodec
 from codec.images import ImageLoadError, center_crop_multiple, pil_to_tensor, tensor_to_uint8
+from codec.memory import parse_memory
 from codec.sources import Input, list_source, read_input
 
 
@@ -84,7 +85,8 @@ def evaluate(codecs: list[str], data: str, out: str, device: str | None = None,
     learned = [LearnedCodec(p, device=device, dtype=dtype, max_memory=max_memory) for p in codecs]
     names = _labels([str(p) for p in codecs])
     dev = learned[0].device
-    lpips = {"alex": LPIPSMetric("alex", dev), "vgg": LPIPSMetric("vgg", dev)}
+    budget = parse_memory(max_memory)
+    lpips = {"alex": LPIPSMetric("alex", dev, budget), "vgg": LPIPSMetric("vgg", dev, budget)}
     rfid, rfid_notice = make_rfid(dev)
     notices = [rfid_notice] if rfid_notice else []
 

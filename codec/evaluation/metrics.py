@@ -68,18 +68,36 @@ def _shared_lpips(net: str, device: torch.device):
     return load_lpips(net, device=device)
 
 
-class LPIPSMetric:
-    """Lazily builds the LPIPS network once; call with (x, y) in [-1, 1] -> (B,)."""
+LPIPS_VGG_BYTES_PER_PIXEL = 300 * 4  # both images' VGG features and temporaries, float32 (measured < 1 KB)
 
-    def __init__(self, net: str = "alex", device: str | torch.device = "cpu"):
+
+class LPIPSMetric:
+    """Lazily builds the LPIPS network once; call with (x, y) in [-1, 1] -> (B,).
+
+    VGG on an image whose untiled pass would exceed the memory budget (``max_memory``, default
+    as :mod:`codec.memory`'s) is computed in exact tiles (:mod:`codec.evaluation.lpips_tiles`:
+    the whole-image value, memory bounded by the tile)."""
+
+    def __init__(self, net: str = "alex", device: str | torch.device = "cpu", max_memory: int | None = None):
         self.net, self.device, self._model = net, torch.device(device), None
+        self.max_memory = max_memory
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self._model is None:
             self._model = _shared_lpips(self.net, self.device)
         with torch.no_grad():  # a metric: no gradients wanted here
+            if self.net == "vgg" and self._over_budget(x):
+                from codec.evaluation.lpips_tiles import tiled_lpips_vgg
+
+                return tiled_lpips_vgg(self._model, x.to(self.device), y.to(self.device)).cpu()
             d = self._model(x.float().to(self.device), y.float().to(self.device))
         return d.flatten().cpu()
+
+    def _over_budget(self, x: torch.Tensor) -> bool:
+        from codec.memory import budgets
+
+        budget, _, _ = budgets(self.device, self.max_memory)
+        return x.shape[0] * x.shape[-2] * x.shape[-1] * LPIPS_VGG_BYTES_PER_PIXEL > budget
 
 
 def summarize(values: list[float]) -> dict:
