@@ -109,3 +109,15 @@ def test_lpips_vgg_in_tiles_equals_the_whole_image_value():
     metric._model = model
     assert metric._over_budget(x)
     torch.testing.assert_close(metric(x, y), whole, rtol=1e-4, atol=0)
+
+
+def test_on_a_gpu_the_budget_is_the_free_device_memory(vae, monkeypatch):
+    """CPU stand-in: torch.cuda.mem_get_info reports 100 MiB free; nothing runs on a device."""
+    from codec import memory
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * 2**20, 80 * 2**30))
+    budget, host, how = memory.budgets(torch.device("cuda"), None)
+    assert budget == int(100 * 2**20 * memory.DEVICE_SHARE) and "GPU" in how and host != budget
+    side, method, notice = choose_path(vae, "decode", (2048, 2048), 1, torch.float32, torch.device("cuda"), None)
+    assert side is not None and method == "exact" and "free GPU memory" in notice
+    assert choose_path(vae, "decode", (256, 256), 1, torch.float32, torch.device("cuda"), None)[0] is None
