@@ -8,7 +8,9 @@ Every loader in the project goes through :func:`load_image`, so all of them agre
 * images with alpha (``RGBA``, ``LA``, ``PA``, palette with transparency) are composited
   onto white, the way a browser shows them;
 * 16-bit and 32-bit integer greys (``I;16*``, ``I``) and float greys (``F``) are rescaled to
-  8 bits by their real range (not clipped, which would turn most 16-bit files white);
+  8 bits by their real range (not clipped, which would turn most 16-bit files white): floats
+  within [0, 1] as [0, 1], integers or floats within [0, 255] as 8-bit levels, anything else
+  from its minimum to its maximum;
 * animated images give their first frame;
 * anything unreadable (empty, truncated, not an image, too large) raises
   :class:`ImageLoadError` naming the file and the reason, so callers can skip *and record*.
@@ -65,7 +67,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = (0.0, 65535.0) if img.mode.startswith("I;16") else (arr.min(), max(arr.max(), 1))
-        if img.mode in ("I", "F") and hi <= 255 and lo >= 0:
+        if img.mode == "F" and arr.min() >= 0 and arr.max() <= 1:
+            lo, hi = 0.0, 1.0  # floats in [0, 1], the usual convention for float images
+        elif img.mode in ("I", "F") and hi <= 255 and lo >= 0:
             lo, hi = 0.0, 255.0  # 8-bit data stored in a wide mode: keep it as is
         grey = np.clip((arr - lo) / max(hi - lo, 1e-12) * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(grey, mode="L").convert("RGB")

@@ -97,3 +97,12 @@ def test_to_batch_rejects_wrong_inputs():
         to_batch([smooth_image(0, 8, 8), smooth_image(0, 16, 8)])
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         to_batch(torch.zeros(1, 4, 8, 8))
+
+
+@pytest.mark.parametrize("scale", [1.0, 255.0])
+def test_float_tiffs_are_read_by_their_range(tmp_path, scale):
+    """A float image in [0, 1] is not 8-bit data: 0.2..0.6 must come out near 51..153, not 0..1."""
+    values = np.linspace(0.2, 0.6, 64 * 48, dtype=np.float32).reshape(48, 64) * scale
+    Image.fromarray(values, mode="F").save(tmp_path / "float.tif")
+    grey = np.asarray(load_image(tmp_path / "float.tif"))[..., 0].astype(int)
+    assert abs(grey.min() - 51) <= 1 and abs(grey.max() - 153) <= 1
