@@ -39,6 +39,21 @@ def test_encode_decode_round_trip_with_padding(tmp_path):
     assert (got - expected.clamp(-1, 1)).abs().max() <= 1 / 127.5 + 1e-6  # 8-bit rounding only
 
 
+def test_decode_writes_every_image_of_a_latents_file(tmp_path):
+    from safetensors.torch import save_file
+
+    folder = make_codec(tmp_path)
+    codec = Codec.from_pretrained(folder, device="cpu")
+    x = torch.stack([torch.from_numpy(smooth_image(i, 32, 40)).permute(2, 0, 1) for i in range(2)]) / 127.5 - 1
+    save_file({"latents": codec.encode(x).contiguous()}, str(tmp_path / "two.safetensors"))
+    assert main(["decode", "--codec", str(folder), str(tmp_path / "two.safetensors"), str(tmp_path / "out.png")]) == 0
+    decoded = codec.decode(codec.encode(x))
+    for i in range(2):  # numbered, one per latent, each its own image
+        got = torch.from_numpy(np.asarray(Image.open(tmp_path / f"out-{i:03d}.png"))).permute(2, 0, 1) / 127.5 - 1
+        assert (got - decoded[i].clamp(-1, 1)).abs().max() <= 1 / 127.5 + 1e-6
+    assert not (tmp_path / "out.png").exists()
+
+
 def test_export_run_and_remeasure(tmp_path, image_folder):
     from train.__main__ import main as train_main
 

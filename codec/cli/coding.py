@@ -152,6 +152,12 @@ def cmd_decode(args) -> int:
             f"{codec.scaling_factor}", file=sys.stderr,
         )
     image = codec.decode(tensors["latents"], size=size)
-    save_image(image[:1], args.output)
-    print(f"{args.latents} -> {args.output} ({image.shape[-1]}x{image.shape[-2]})")
+    out = Path(args.output)
+    # One image per latent: a file holding several gives OUT-000.png, OUT-001.png ...
+    paths = [out] if image.shape[0] == 1 else [out.with_name(f"{out.stem}-{i:03d}{out.suffix}")
+                                               for i in range(image.shape[0])]
+    for picture, path in zip(image, paths):
+        save_image(picture[None], path)
+    shown = str(out) if len(paths) == 1 else f"{paths[0]} ... {paths[-1].name} ({len(paths)} images)"
+    print(f"{args.latents} -> {shown} ({image.shape[-1]}x{image.shape[-2]})")
     return 0
