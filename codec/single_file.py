@@ -164,7 +164,11 @@ def ui_incompatibility(config) -> str | None:
 
 # ------------------------------------------------------------------------- files
 def save_single_file(vae: AutoencoderKL, path: str | os.PathLike, meta: dict | None = None) -> Path:
-    """Write ``vae`` (fp32) as one LDM-layout file, our config and metadata in its header."""
+    """Write ``vae`` (fp32) as one LDM-layout file, our config and metadata in its header. Only an
+    ``AutoencoderKL`` has an LDM layout: other kinds are refused with what to use instead."""
+    if type(vae).__name__ != "AutoencoderKL":
+        raise ValueError(f"a single-file (CompVis/LDM layout) export needs an AutoencoderKL; this codec's class is "
+                         f"{type(vae).__name__}: export it as a diffusers folder (--format diffusers)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu() for k, v in vae.state_dict().items()}

@@ -138,3 +138,14 @@ def test_training_starts_from_a_single_file(tmp_path):
     drift = {k: (trained.state_dict()[k] - v).abs().max().item() for k, v in vae.state_dict().items()}
     assert max(drift.values()) > 0  # it trained...
     assert max(drift.values()) < 0.01  # ...one Adam step (lr 5e-4) away from the file's weights
+
+
+def test_single_file_export_of_a_codec_without_an_ldm_layout_is_refused(tmp_path, capsys):
+    from codec.models import build_student
+
+    tiny = Codec(build_student("test"), device="cpu").save_pretrained(tmp_path / "student")
+    out = tmp_path / "student.safetensors"
+    assert main(["export", str(tiny), str(out), "--format", "single-file"]) == 2  # was an AttributeError
+    err = capsys.readouterr().err
+    assert "needs an AutoencoderKL; this codec's class is AutoencoderTiny" in err and "--format diffusers" in err
+    assert not out.exists()

@@ -82,6 +82,8 @@ def cmd_export(args) -> int:
     if out.exists() and (out.is_file() or any(out.iterdir())) and not args.overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
     codec = Codec.from_pretrained(src, device="cpu")
+    if single and type(codec.vae).__name__ != "AutoencoderKL":  # before any measuring or deleting
+        save_single_file(codec.vae, out)  # raises, naming the kind and the fix
     if args.data:  # re-measured the way `vae-codec scale` measures, keeping the codec's normalisation
         normalisation = normalisation_of(codec.vae.config)
         stats = measure_images(codec, args.data, args.resolution, args.samples, seed=0)
