@@ -31,7 +31,9 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_vae_checkpoint,
 )
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from codec.reproducible import save_safetensors
 
 CONFIG_KEY = "vae_codec_config"  # safetensors metadata: the diffusers config (JSON)
 META_KEY = "vae_codec_meta"  # safetensors metadata: our vae_codec.json (JSON)
@@ -175,7 +177,7 @@ def save_single_file(vae: AutoencoderKL, path: str | os.PathLike, meta: dict | N
     ldm = diffusers_to_ldm(state, len(vae.config.up_block_types))
     config = {k: v for k, v in vae.config.items() if not k.startswith("_")}
     header = {"format": "pt", CONFIG_KEY: json.dumps(config), META_KEY: json.dumps(meta or {}, default=str)}
-    save_file(ldm, str(path), metadata=header)
+    save_safetensors(ldm, path, metadata=header)  # sorted header: byte-identical exports
     return path
 
 

@@ -399,6 +399,19 @@ def test_accelerate_launch_two_processes(codec_dir, image_folder, tmp_path, mode
         assert torch.allclose(it["latents"], ref[it["key"]], atol=1e-3)
 
 
+def test_identical_runs_write_byte_identical_shards_and_manifests(codec_dir, image_folder, tmp_path):
+    import hashlib
+
+    for name in ("a", "b"):
+        assert run(codec_dir, image_folder, tmp_path / name, "--resolution", "16", "--shard-size", "5") == 0
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.*")
+                   if p.parent.name == "shards" or p.name == "manifest.json")
+    assert len(files) == 4  # 3 shards and the manifest
+    for f in files:  # (the safetensors writer orders metadata keys at random: sorted now)
+        digest = [hashlib.sha256((tmp_path / d / f).read_bytes()).hexdigest() for d in ("a", "b")]
+        assert digest[0] == digest[1], f
+
+
 def test_odd_directory_entries_are_encoded_or_listed_never_lost(codec_dir, tmp_path):
     """An animated GIF is its first frame; broken and looping symbolic links named like images
     are listed as skipped with the reason; `verify` accounts for every entry."""

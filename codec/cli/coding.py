@@ -8,13 +8,14 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from codec.cli.options import codec_args, tile_args
 from codec.codec import Codec
 from codec.factors import normalisation_of
 from codec.images import load_image, pil_to_tensor, save_image
 from codec.latents.scale import apply_factors, measure_images
+from codec.reproducible import save_safetensors
 from codec.single_file import is_single_file, save_single_file, ui_incompatibility
 
 
@@ -127,7 +128,7 @@ def cmd_encode(args) -> int:
         "codec": str(args.codec), "sampled": str(bool(args.sample)),
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    save_file({"latents": latents.contiguous()}, args.output, metadata=meta)
+    save_safetensors({"latents": latents}, args.output, metadata=meta)
     print(f"{args.image} ({w}x{h}) -> {args.output} latents {tuple(latents.shape)}")
     return 0
 

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save as save_bytes
 
 from codec.io import read_json
+from codec.reproducible import safetensors_bytes
 
 FORMAT = "vae-codec-latents"
 VERSION = 1
@@ -107,7 +107,7 @@ def write_shard(
         "crops_top_left": json.dumps(rows["crops_top_left"]),
         **{field: json.dumps(rows[field]) for field in CONDITIONING_ROWS if field in rows},
     }
-    data = save_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
+    data = safetensors_bytes(tensors, meta)  # sorted header: identical runs, identical bytes
     atomic_write_bytes(out / name, data)
     return {
         "file": name,
