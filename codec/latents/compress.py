@@ -351,7 +351,7 @@ def label_classes(source, inputs: list, image_column: str, split: str) -> list[s
         from codec.sources.hf import open_dataset
         from codec.sources.hf import string_classes as dataset_classes
 
-        return dataset_classes(open_dataset(str(source), image_column, split), str(source))
+        return dataset_classes(open_dataset(str(source), image_column, split))
     return string_classes(i.record for i in inputs)
 
 

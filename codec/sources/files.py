@@ -143,5 +143,5 @@ def input_record(item: Input) -> str | None:
         from codec.sources.hf import open_dataset, row_record
 
         data = open_dataset(item.path, item.column, item.split)
-        return row_record({k: v for k, v in data[item.row].items() if k != item.column}, item.column)
+        return row_record(data[item.row], item.column)  # (the image column is left out there)
     return item.record

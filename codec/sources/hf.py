@@ -72,7 +72,7 @@ def image_of(value, key: str, column: str) -> Image.Image:
     raise ImageLoadError(f"{key}: column {column!r} holds {type(value).__name__}, not an image")
 
 
-def row_record(row: dict, column: str, features=None) -> str | None:
+def row_record(row: dict, column: str) -> str | None:
     """The row's other columns as JSON text (its side data); ``ClassLabel`` values stay indices."""
     rest = {k: v for k, v in row.items() if k != column and _jsonable(v)}
     return json.dumps(rest) if rest else None
@@ -82,7 +82,7 @@ def _jsonable(value) -> bool:
     return isinstance(value, (str, int, float, bool)) or value is None
 
 
-def string_classes(data, source: str) -> list[str] | None:
+def string_classes(data) -> list[str] | None:
     """The sorted values of a string ``label`` column (the class list), None if there is none."""
     for field in ("label", "cls"):
         feature = (data.features or {}).get(field)

@@ -87,8 +87,3 @@ def stream_samples(fileobj, where: str):
         raise
     yield from ((name, data, sides) for name, data in images)
 
-
-def count_images(fileobj, where: str) -> int:
-    """How many image members a streamed tar holds (member data is skipped, not kept)."""
-    with open_checked(fileobj=fileobj, stream=True) as tf:
-        return sum(1 for m in members(tf, where) if m.isfile() and is_image(m.name))
