@@ -25,6 +25,8 @@ from codec import single_file
 from codec.factors import scale_latents, unscale_latents
 from codec.images import tensor_to_pil, to_batch
 from codec.io import META_FILE, is_autoencoder_tiny, is_mlp_vae, read_metadata
+from codec.latent_space import check as check_space
+from codec.latent_space import encoder_sha256, space_of
 from codec.memory import choose_path, parse_memory
 from codec.models import load_autoencoder
 from codec.precision import run_checked
@@ -81,6 +83,8 @@ class Codec:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = resolve_dtype(dtype)
+        # Hashed before a cast to half precision, so latent_space names the weights as saved.
+        self._encoder_hash = None if next(vae.parameters()).dtype == self.dtype else encoder_sha256(vae)
         if next(vae.parameters()).dtype != self.dtype:
             vae = vae.to(dtype=self.dtype)
         self.vae = vae.to(device=self.device).eval().requires_grad_(False)
@@ -146,6 +150,17 @@ class Codec:
         self.vae.register_to_config(shift_factor=None if shift_factor is None else float(shift_factor))
         for key, value in (("latents_mean", latents_mean), ("latents_std", latents_std)):
             self.vae.register_to_config(**{key: None if value is None else [float(v) for v in value]})
+
+    @property
+    def latent_space(self) -> dict:
+        """The space this codec's latents live in (:mod:`codec.latent_space`): encoder weight hash
+        (taken at first use: a codec does not train), today's factors, latent channels, its path."""
+        def encoder_hash() -> str:
+            if self._encoder_hash is None:
+                self._encoder_hash = encoder_sha256(self.vae)
+            return self._encoder_hash
+
+        return space_of(self.vae, self.meta, where=self.name, encoder_hash=encoder_hash)
 
     # ------------------------------------------------------------------ encode / decode
     def _prepare(self, images, pad: bool) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -236,14 +251,20 @@ class Codec:
 
     @torch.no_grad()
     def decode(
-        self, latents: torch.Tensor, size: tuple[int, int] | None = None, output_type: str = "pt"
+        self, latents: torch.Tensor, size: tuple[int, int] | None = None, output_type: str = "pt",
+        check: dict | None = None,
     ):
         """Scaled latents (B, 4, h, w) -> images.
 
         ``output_type``: "pt" gives (B, 3, 8h, 8w) float32 in about [-1, 1] (not clamped, as
         the decoder outputs it), "pil" a list of PIL images. ``size=(H, W)`` crops the output
-        back to an original size after ``encode(..., pad=True)``.
+        back to an original size after ``encode(..., pad=True)``. ``check``: the latent space the
+        latents were recorded in (:func:`codec.latents_file.read_latents`, a manifest's
+        ``codec["latent_space"]``); another space than :attr:`latent_space` is a
+        :class:`codec.latent_space.LatentSpaceMismatch` naming both, before any decoding.
         """
+        if check is not None:
+            check_space(check, self.latent_space, "these latents", fix="decode them with the codec that made them")
         self._check_latents_shape(latents)
         if latents.ndim in (1, 3):
             latents = latents[None]

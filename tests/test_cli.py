@@ -40,12 +40,12 @@ def test_encode_decode_round_trip_with_padding(tmp_path):
 
 
 def test_decode_writes_every_image_of_a_latents_file(tmp_path):
-    from safetensors.torch import save_file
+    from codec.latents_file import save_latents
 
     folder = make_codec(tmp_path)
     codec = Codec.from_pretrained(folder, device="cpu")
     x = torch.stack([torch.from_numpy(smooth_image(i, 32, 40)).permute(2, 0, 1) for i in range(2)]) / 127.5 - 1
-    save_file({"latents": codec.encode(x).contiguous()}, str(tmp_path / "two.safetensors"))
+    save_latents(tmp_path / "two.safetensors", codec.encode(x), codec.latent_space)
     assert main(["decode", "--codec", str(folder), str(tmp_path / "two.safetensors"), str(tmp_path / "out.png")]) == 0
     decoded = codec.decode(codec.encode(x))
     for i in range(2):  # numbered, one per latent, each its own image

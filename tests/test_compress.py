@@ -309,7 +309,21 @@ def test_decompress_decodes_every_row_with_the_manifest_codec(
     capsys.readouterr()
     wrong = ["decompress", str(out), str(tmp_path / "r2"), "--codec", str(tmp_path / "other")]
     assert main(wrong) == 2
-    assert "not the codec these latents were made with" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not in the latent space of" in err and "encoder weights" in err and str(codec_dir) in err
+    assert not (tmp_path / "r2").exists()  # refused before decoding anything
+    assert main([*wrong, "--force"]) == 0  # the rare intended case, said out loud
+    assert "decoding anyway (--force)" in capsys.readouterr().err
+    # A manifest edited to another codec's hash: the recorded codec is refused too.
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["codec"]["latent_space"]["encoder_sha256"] = "0" * 64
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["decompress", str(out), str(tmp_path / "r3")]) == 2
+    assert "encoder weights 000000000000 vs" in capsys.readouterr().err
+    manifest["codec"]["latent_space"] = {"scaling_factor": "x"}  # malformed
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["decompress", str(out), str(tmp_path / "r3")]) == 2
+    assert "malformed latent_space" in capsys.readouterr().err
 
 
 def test_scale_measures_and_writes_the_factors(codec_dir, image_folder, tmp_path, capsys):

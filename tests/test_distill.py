@@ -60,6 +60,9 @@ def test_student_exports_a_diffusers_autoencoder_tiny_that_decodes_teacher_laten
     assert cli(["encode", "--codec", str(teacher), str(img), str(latents)]) == 0
     assert cli(["decode", "--codec", str(out / "codec"), str(latents), str(tmp_path / "dec.png")]) == 0
     assert (tmp_path / "dec.png").exists()
+    # ... and the other way: the student's latents are in the teacher's space, so the teacher decodes them
+    assert cli(["encode", "--codec", str(out / "codec"), str(img), str(tmp_path / "s.safetensors")]) == 0
+    assert cli(["decode", "--codec", str(teacher), str(tmp_path / "s.safetensors"), str(tmp_path / "t.png")]) == 0
     z = next(iter(load_file(latents).values()))
     z = z[None] if z.ndim == 3 else z
     with torch.no_grad():

@@ -30,6 +30,7 @@ from torch import nn
 
 from codec.factors import scale_latents, unscale_latents
 from codec.io import is_autoencoder_tiny
+from codec.latent_space import space_of
 from codec.models import build_student, load_autoencoder
 from train.config import TrainConfig
 from train.losses import adversarial_loss, disc_factor
@@ -171,7 +172,9 @@ class DistillRecipe(KLF8Recipe):
         t = self.teacher.config
         return {"latent_space": "the teacher's scaled latents", "teacher": self.cfg.distill.teacher,
                 "teacher_factors": {k: t.get(k) for k in ("scaling_factor", "shift_factor", "latents_mean",
-                                                          "latents_std")}}
+                                                          "latents_std")},
+                # what decode/decompress compare: teacher and student decode each other's latents
+                "teacher_space": space_of(self.teacher, where=self.cfg.distill.teacher)}
 
 
 def main(argv: list[str] | None = None) -> int:

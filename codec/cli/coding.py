@@ -8,14 +8,14 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from codec.cli.options import codec_args, tile_args
 from codec.codec import Codec
 from codec.factors import normalisation_of
 from codec.images import load_image, pil_to_tensor, save_image
+from codec.latent_space import check as check_space
 from codec.latents.scale import apply_factors, measure_images
-from codec.reproducible import save_safetensors
+from codec.latents_file import read_latents, save_latents
 from codec.single_file import is_single_file, save_single_file, ui_incompatibility
 
 
@@ -51,6 +51,8 @@ def register(sub) -> None:
     codec_args(p)
     p.add_argument("latents")
     p.add_argument("output")
+    p.add_argument("--force", action="store_true", help="decode latents that another codec made (or that "
+                   "do not say which codec made them), with a warning, instead of refusing them")
     tile_args(p)
     p.set_defaults(func=cmd_decode)
 
@@ -122,39 +124,19 @@ def cmd_encode(args) -> int:
     h, w = image.shape[-2:]
     gen = torch.Generator().manual_seed(args.seed) if args.sample else None
     latents = codec.encode(image, sample=args.sample, generator=gen, pad=args.pad)
-    meta = {
-        "height": str(h), "width": str(w), "source": str(args.image),
-        "scaling_factor": repr(codec.scaling_factor), "shift_factor": repr(codec.shift_factor),
-        "codec": str(args.codec), "sampled": str(bool(args.sample)),
-    }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    save_safetensors({"latents": latents}, args.output, metadata=meta)
+    save_latents(args.output, latents, codec.latent_space, size=(h, w), source=args.image, codec=args.codec,
+                 sampled=bool(args.sample))
     print(f"{args.image} ({w}x{h}) -> {args.output} latents {tuple(latents.shape)}")
     return 0
 
 
 def cmd_decode(args) -> int:
     codec = _codec(args)
-    from safetensors import safe_open
-
-    if not Path(args.latents).is_file():
-        raise FileNotFoundError(f"{args.latents}: no such latents file")
-    try:  # safetensors only: a latents file is never unpickled
-        with safe_open(args.latents, "pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(args.latents)
-        size = (int(meta["height"]), int(meta["width"])) if "height" in meta else None
-    except Exception as exc:
-        raise ValueError(f"{args.latents}: not a readable latents file ({type(exc).__name__}: {exc})") from exc
-    if "latents" not in tensors:
-        raise ValueError(f"{args.latents}: no 'latents' tensor (found {sorted(tensors)})")
-    saved_scale = meta.get("scaling_factor")
-    if saved_scale is not None and abs(float(saved_scale) - codec.scaling_factor) > 1e-6:
-        print(
-            f"warning: latents were scaled with {saved_scale}, this codec uses "
-            f"{codec.scaling_factor}", file=sys.stderr,
-        )
-    image = codec.decode(tensors["latents"], size=size)
+    found = read_latents(args.latents)
+    warning = check_space(found.space, codec.latent_space, f"the latents in {args.latents}", force=args.force)
+    if warning:
+        print(warning, file=sys.stderr)
+    image = codec.decode(found.latents, size=found.size)
     out = Path(args.output)
     # One image per latent: a file holding several gives OUT-000.png, OUT-001.png ...
     paths = [out] if image.shape[0] == 1 else [out.with_name(f"{out.stem}-{i:03d}{out.suffix}")

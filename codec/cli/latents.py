@@ -67,7 +67,10 @@ def register(sub) -> None:
     p.add_argument("latents")
     p.add_argument("output")
     p.add_argument("--codec", default=None,
-                   help="codec folder (default: the one named in the manifest)")
+                   help="codec folder (default: the one named in the manifest); one of another latent space "
+                        "is refused")
+    p.add_argument("--force", action="store_true", help="decode with a --codec of another latent space "
+                   "anyway, with a warning")
     p.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
@@ -137,7 +140,7 @@ def cmd_verify(args) -> int:
 def cmd_decompress(args) -> int:
     n = decompress(
         args.latents, args.output, args.codec, args.device, args.dtype, args.batch_size,
-        args.tile_size, args.tile_overlap, args.tile_method, max_memory=args.max_memory,
+        args.tile_size, args.tile_overlap, args.tile_method, max_memory=args.max_memory, force=args.force,
     )
     print(f"decoded {n} images into {args.output}")
     return 0

@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,8 @@ from codec.codec import DOWNSAMPLE, Codec
 from codec.factors import scale_latents, scale_std
 from codec.images import save_image
 from codec.io import read_metadata
+from codec.latent_space import check as check_space
+from codec.latent_space import from_metadata
 from codec.latents import shards as sh
 from codec.latents.buckets import make_buckets
 from codec.latents.conditioning import folder_classes, orphans, string_classes
@@ -68,7 +71,9 @@ def load_codec(path, device=None, dtype="fp32", batch_size=8, max_memory=None) -
         )),
     }
     codec = Codec(vae, device=device, dtype=dtype, batch_size=batch_size, meta=meta, max_memory=max_memory)
-    info.update(scaling_factor=codec.scaling_factor, shift_factor=codec.shift_factor, meta=meta)
+    codec.name = info["path"]
+    info.update(scaling_factor=codec.scaling_factor, shift_factor=codec.shift_factor, meta=meta,
+                latent_space=codec.latent_space)
     return codec, info
 
 
@@ -362,35 +367,37 @@ def noise_id(item: dict) -> list[int]:
 
 
 # ------------------------------------------------------------------------- decompress
-def codec_of_latents(manifest: dict, codec_path=None, **kwargs) -> Codec:
-    """The codec a compress job was made with (its recorded path unless ``codec_path``),
-    refusing any other: latents decode only with the weights and factors that made them."""
+def codec_of_latents(manifest: dict, codec_path=None, force: bool = False, **kwargs) -> Codec:
+    """The codec a compress job was made with (its recorded path unless ``codec_path``), refusing
+    one of another latent space (:mod:`codec.latent_space`) unless ``force`` (then a warning)."""
     made_by = manifest["codec"]
     codec, info = load_codec(codec_path or made_by["path"], **kwargs)
-    per_channel = ("latents_mean", "latents_std")
-    if (info["weights_sha256"], info["scaling_factor"], info["shift_factor"]) != (
-        made_by["weights_sha256"], made_by["scaling_factor"], made_by["shift_factor"]
-    ) or [info["config"].get(k) for k in per_channel] != [made_by["config"].get(k) for k in per_channel]:
-        raise ValueError(
-            f"{codec_path or made_by['path']} is not the codec these latents were made with "
-            f"(weights {made_by['weights_sha256'][:12]}, "
-            f"scaling_factor {made_by['scaling_factor']}); "
-            "pass that codec with --codec"
-        )
+    recorded = made_by.get("latent_space")
+    if recorded is None:  # a job written before latent spaces were recorded: its whole-weights hash
+        recorded = {**info["latent_space"], "codec": made_by["path"]}
+        if info["weights_sha256"] != made_by["weights_sha256"]:
+            recorded["encoder_sha256"] = f"weights {made_by['weights_sha256']}"
+        recorded.update({k: made_by["config"].get(k) for k in ("latents_mean", "latents_std")},
+                        scaling_factor=made_by["scaling_factor"], shift_factor=made_by["shift_factor"])
+    warning = check_space(from_metadata(json.dumps(recorded), "the manifest's codec.latent_space"),
+                          codec.latent_space, "these latents", force=force,
+                          fix="pass the codec that made them with --codec (or --force to decode anyway)")
+    if warning:
+        print(warning, file=sys.stderr)
     return codec
 
 
 def decompress(
     latents_dir, output, codec_path=None, device=None, dtype="fp32", batch_size=8,
-    tile_size=None, tile_overlap=None, tile_method=None, max_memory=None,
+    tile_size=None, tile_overlap=None, tile_method=None, max_memory=None, force: bool = False,
 ) -> int:
     """Decode every shard row to ``output/<key>.png`` (the suffix replaced); returns the count."""
     from safetensors import safe_open
 
     out_dir, src = Path(output), Path(latents_dir)
     manifest = sh.load_manifest(src)
-    codec = codec_of_latents(manifest, codec_path, device=device, dtype=dtype, batch_size=batch_size,
-                             max_memory=max_memory)
+    codec = codec_of_latents(manifest, codec_path, force=force, device=device, dtype=dtype,
+                             batch_size=batch_size, max_memory=max_memory)
     codec.tile_size, codec.tile_overlap = tile_size, tile_overlap
     codec.tile_method = codec.tile_method if tile_method is None else check_method(tile_method)
     used, count = set(), 0
