@@ -134,6 +134,11 @@ class Codec:
         return float(self.vae.config.scaling_factor)
 
     @property
+    def native_size(self) -> int | None:
+        """The one image side a fixed-size codec takes (the MLP VAE's 28), None for kl-f8 codecs."""
+        return int(self.vae.config.image_size) if is_mlp_vae(self.vae) else None
+
+    @property
     def shift_factor(self) -> float:
         # diffusers stores None when a VAE has no shift; pipelines then skip the subtraction.
         return float(self.vae.config.shift_factor or 0.0)
@@ -149,6 +154,8 @@ class Codec:
         self.vae.register_to_config(scaling_factor=float(scaling_factor))
         self.vae.register_to_config(shift_factor=None if shift_factor is None else float(shift_factor))
         for key, value in (("latents_mean", latents_mean), ("latents_std", latents_std)):
+            if value is None and key not in self.vae.config:
+                continue  # a config without the key (AutoencoderTiny) stays one diffusers knows
             self.vae.register_to_config(**{key: None if value is None else [float(v) for v in value]})
 
     @property

@@ -27,7 +27,8 @@ def _config_get(config, key):
 
 
 def channel_stats(config, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(latents_mean, latents_std)`` shaped (1, C, 1, 1) like ``like``, or None when unset."""
+    """``(latents_mean, latents_std)`` shaped (1, C, 1, 1) like ``like`` ((1, D) for flat latents),
+    or None when unset."""
     mean, std = _config_get(config, "latents_mean"), _config_get(config, "latents_std")
     if mean is None and std is None:
         return None
@@ -43,7 +44,7 @@ def channel_stats(config, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
         raise ValueError(
             f"latents_mean/latents_std have {len(mean)}/{len(std)} values for {channels} latent channels"
         )
-    view = (1, channels, 1, 1)
+    view = (1, channels) + (1,) * (like.ndim - 2)  # (1, C, 1, 1); (1, D) for the MLP VAE's flat latents
     return (torch.tensor(mean, dtype=like.dtype).view(view), torch.tensor(std, dtype=like.dtype).view(view))
 
 

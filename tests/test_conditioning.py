@@ -7,11 +7,14 @@ import tarfile
 
 import pytest
 from conftest import SHARED_DATA, smooth_image
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from codec import Codec, LatentDataset
 from codec.cli import main
 from codec.latents import shards as sh
+from codec.latents.buckets import BucketBatchSampler
 from codec.models import build_autoencoder
 
 
@@ -150,9 +153,49 @@ def test_bucketed_compress_and_one_bucket_per_batch_split_across_ranks(codec_dir
         for sampler in per_rank:
             sampler.set_epoch(epoch)
             batches.append(list(sampler))
-        assert len(batches[0]) == len(batches[1]) == 3  # 7 batches of 1, cut to 6 for 2 ranks
-        assert not {i for b in batches[0] for i in b} & {i for b in batches[1] for i in b}
+        assert len(batches[0]) == len(batches[1]) == 4  # 7 batches of 1, and the first again for 2 ranks
+        assert {i for b in batches[0] + batches[1] for i in b} == set(range(len(ds)))  # every item
     two = list(ds.bucket_batches(2, seed=0))
     assert all(len({tuple(ds.get(i)["latents"].shape) for i in b}) == 1 for b in two)  # one shape per batch
     assert main(["compress", "--codec", str(codec_dir), "--input", str(src), "--output", str(tmp_path / "x"),
                  "--buckets", "64", "--resolution", "64"]) == 2
+
+
+class _Buckets:
+    """What BucketBatchSampler reads of a LatentDataset: shape -> indices."""
+
+    def __init__(self, sizes):
+        starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        self.groups = {(4, 8, 8 + i): list(range(starts[i], starts[i + 1])) for i in range(len(sizes))}
+
+    def indices_by_shape(self):
+        return self.groups
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(1, 30), min_size=1, max_size=4), batch=st.integers(1, 12),
+       world=st.integers(1, 3), epoch=st.integers(0, 3))
+def test_every_item_of_every_bucket_is_trained_every_epoch(sizes, batch, world, epoch):
+    # Buckets below, at and above the batch size (the issue's case: 29 and 11, batch 12, 2 ranks).
+    data = _Buckets(sizes)
+    samplers = [BucketBatchSampler(data, batch, seed=3, rank=r, world=world) for r in range(world)]
+    per_rank = [s.epoch_batches(epoch) for s in samplers]
+    assert len({len(b) for b in per_rank}) == 1 and len(per_rank[0]) == len(samplers[0])  # same steps
+    shape_of = {i: shape for shape, group in data.groups.items() for i in group}
+    seen = [i for batches in per_rank for b in batches for i in b]
+    assert all(len(b) == batch and len({shape_of[i] for i in b}) == 1 for bs in per_rank for b in bs)
+    assert set(seen) == set(shape_of)  # no item left out
+    # The repeats: under one batch per bucket to complete it, plus under `world` whole batches.
+    assert len(seen) - len(shape_of) < batch * len(sizes) + batch * world
+    assert samplers[0].epoch_batches(epoch) == per_rank[0]  # a pure function of (seed, epoch): exact resume
+
+
+def test_the_issues_buckets_of_29_and_11_train_the_portraits():
+    data = _Buckets([29, 11])
+    used = {i: 0 for i in range(40)}
+    for epoch in range(50):
+        for rank in range(2):
+            for b in BucketBatchSampler(data, 12, rank=rank, world=2).epoch_batches(epoch):
+                for i in b:
+                    used[i] += 1
+    assert min(used[i] for i in range(29, 40)) >= 50  # was 0 times in 50 epochs

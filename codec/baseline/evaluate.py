@@ -139,18 +139,20 @@ def write_pictures(model: MLPVAE, x: torch.Tensor, labels, out_dir: Path, seed: 
     else:
         rows = model.decode(torch.randn(64, d, generator=gen).to(dev)).sample.cpu().split(8)
     paths = {"samples": str(make_grid_image(list(rows), out_dir / "samples.png"))}
-    a, b = x[0:8:2].to(dev), x[1:9:2].to(dev)
-    la = lb = None
-    if labels is not None:
-        la, lb = labels[0:8:2].to(dev), labels[1:9:2].to(dev)
-    za, zb = model.encode(a, la).latent_dist.mean, model.encode(b, lb).latent_dist.mean
-    grid = []
-    for i in range(a.shape[0]):
-        t = torch.linspace(0, 1, 10, device=dev)[:, None]
-        z = (1 - t) * za[i] + t * zb[i]
-        lab = None if la is None else la[i].expand(10)
-        grid.append(model.decode(z, lab).sample.cpu())
-    paths["interpolation"] = str(make_grid_image(grid, out_dir / "interpolation.png"))
+    pairs = min(len(x) // 2, 4)  # up to 4 rows, each between two images (an odd set leaves one out)
+    if pairs:
+        a, b = x[0 : 2 * pairs : 2].to(dev), x[1 : 2 * pairs : 2].to(dev)
+        la = lb = None
+        if labels is not None:
+            la, lb = labels[0 : 2 * pairs : 2].to(dev), labels[1 : 2 * pairs : 2].to(dev)
+        za, zb = model.encode(a, la).latent_dist.mean, model.encode(b, lb).latent_dist.mean
+        grid = []
+        for i in range(pairs):
+            t = torch.linspace(0, 1, 10, device=dev)[:, None]
+            z = (1 - t) * za[i] + t * zb[i]
+            lab = None if la is None else la[i].expand(10)
+            grid.append(model.decode(z, lab).sample.cpu())
+        paths["interpolation"] = str(make_grid_image(grid, out_dir / "interpolation.png"))
     xs = x[:16].to(dev)
     ls = None if labels is None else labels[:16].to(dev)
     recon = model.decode(model.encode(xs, ls).latent_dist.mean, ls).sample.cpu()

@@ -14,7 +14,7 @@ from codec.codec import Codec
 from codec.factors import normalisation_of
 from codec.images import load_image, pil_to_tensor, save_image
 from codec.latent_space import check as check_space
-from codec.latents.scale import apply_factors, measure_images
+from codec.latents.scale import apply_factors, check_rescalable, measure_images, measuring_resolution
 from codec.latents_file import read_latents, save_latents
 from codec.single_file import is_single_file, save_single_file, ui_incompatibility
 
@@ -27,8 +27,9 @@ def register(sub) -> None:
     p.add_argument("--data", help="images to re-measure the latent factors on, as `vae-codec scale` does, "
                    "keeping the codec's kind of normalisation (default: keep the run's factors)")
     p.add_argument("--samples", type=int, default=64, help="images used with --data (a seeded sample spread over it)")
-    p.add_argument("--resolution", type=int, default=256,
-                   help="with --data: short side resized to this, centre-cropped square")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="with --data: short side resized to this, centre-cropped square (default 256; a "
+                        "fixed-size codec such as the MLP VAE: its own size)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument(
         "--format", choices=["diffusers", "single-file"], default="diffusers",
@@ -89,7 +90,8 @@ def cmd_export(args) -> int:
         save_single_file(codec.vae, out)  # raises, naming the kind and the fix
     if args.data:  # re-measured the way `vae-codec scale` measures, keeping the codec's normalisation
         normalisation = normalisation_of(codec.vae.config)
-        stats = measure_images(codec, args.data, args.resolution, args.samples, seed=0)
+        check_rescalable(codec, normalisation)
+        stats = measure_images(codec, args.data, measuring_resolution(codec, args.resolution), args.samples, seed=0)
         apply_factors(codec, stats, normalisation)
         print(f"measured {normalisation} factors on {stats['num_images']} images (scaling_factor "
               f"{codec.scaling_factor:.5f}, {len(stats['skipped'])} unreadable)")

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 from codec.cli.options import codec_args, memory_arg, source_args, tile_args
-from codec.codec import DOWNSAMPLE, Codec
+from codec.codec import Codec
 from codec.latents import shards as sh
 from codec.latents.compress import compress, decompress
-from codec.latents.scale import apply_factors, measure_images
+from codec.latents.scale import apply_factors, check_rescalable, measure_images, measuring_resolution
 from codec.launch import relaunch_if_needed
 from codec.sources import list_source
 
@@ -85,8 +85,9 @@ def register(sub) -> None:
     p.add_argument("--input", required=True, help="images: any source compress takes (a stream is read from "
                    "its start, --samples images)")
     source_args(p)
-    p.add_argument("--resolution", type=int, default=256,
-                   help="centre crop the statistics are measured on")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="short side resized to this and centre-cropped square for measuring (default 256; a "
+                        "fixed-size codec such as the MLP VAE: its own size)")
     p.add_argument("--samples", type=int, default=512, help="images used, spread over the input")
     p.add_argument("--shift", action="store_true",
                    help="also set shift_factor to the latent mean (SD3/Flux style)")
@@ -158,15 +159,16 @@ def cmd_scale(args) -> int:
         raise ValueError(
             f"{target} has no config.json to update (a pipeline folder?); pass --output DIR"
         )
-    if args.resolution <= 0 or args.resolution % DOWNSAMPLE:
-        raise ValueError(f"--resolution must be a positive multiple of {DOWNSAMPLE}")
     codec = Codec.from_pretrained(
         args.codec, device=args.device, dtype=args.dtype, batch_size=args.batch_size, max_memory=args.max_memory
     )
+    normalisation = "per-channel" if args.per_channel else "shift" if args.shift else "scale"
+    check_rescalable(codec, normalisation)
+    resolution = measuring_resolution(codec, args.resolution)
     before = codec.scaling_factor
-    stats = measure_images(codec, args.input, args.resolution, args.samples, args.seed, args.num_workers,
+    stats = measure_images(codec, args.input, resolution, args.samples, args.seed, args.num_workers,
                            image_column=args.image_column, split=args.split, streaming=args.streaming)
-    apply_factors(codec, stats, "per-channel" if args.per_channel else "shift" if args.shift else "scale")
+    apply_factors(codec, stats, normalisation)
     # Saved beside and renamed in: the weights being overwritten may still be memory-mapped.
     tmp = target.parent / f"{target.name}{sh.TMP_MARK}scale"
     codec.save_pretrained(tmp)

@@ -52,38 +52,48 @@ def fit_bucket(img: Image.Image, buckets: list[tuple[int, int]]) -> tuple[Image.
 
 
 class BucketBatchSampler(Sampler):
-    """Batches of ``LatentDataset`` indices, each from one latent shape (bucket).
+    """Batches of ``LatentDataset`` indices, each from one latent shape (bucket), in which every
+    item of every bucket is trained in every epoch.
 
-    Per epoch: each bucket's indices are shuffled with ``(seed, epoch)`` and cut into batches
-    (the remainder dropped: a batch needs ``batch_size`` items of one shape), the batches of all
-    buckets are shuffled together, and process ``rank`` of ``world`` takes every ``world``-th (the
-    list first cut to a multiple of ``world``, so processes take the same number of steps).
-    ``set_epoch(e)`` before each epoch, as with ``DistributedSampler``.
+    Per epoch: each bucket's indices are shuffled with ``(seed, epoch)`` and cut into batches; a
+    last, partial batch is completed with the first items of the same shuffled order (taken
+    again round the bucket when it is smaller than a batch), so a bucket of n items gives
+    ceil(n / batch_size) batches and repeats fewer than ``batch_size`` items, none left out.
+    The batches of all buckets are shuffled together; the list is then extended by repeating its
+    first batches to a multiple of ``world``, and process ``rank`` takes every ``world``-th, so
+    processes take the same number of steps and no batch is dropped. ``set_epoch(e)`` before each
+    epoch, as with ``DistributedSampler``.
     """
 
     def __init__(self, dataset, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1):
-        self.groups = [g for _, g in sorted(dataset.indices_by_shape().items())]
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.groups = [g for _, g in sorted(dataset.indices_by_shape().items()) if g]
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.epoch = 0
-        if not len(self):
-            raise ValueError(f"no bucket holds batch_size {batch_size} latents for {world} process(es)")
+        if not self.groups:
+            raise ValueError("no latents to batch")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        batches = []
+        size, batches = self.batch_size, []
         for group in self.groups:
             order = [group[i] for i in torch.randperm(len(group), generator=g).tolist()]
-            batches += [order[i : i + self.batch_size] for i in range(0, len(order) - self.batch_size + 1,
-                                                                       self.batch_size)]
+            cycled = order * -(-size // len(order))  # enough to complete a small bucket's batch
+            for start in range(0, len(order), size):
+                batch = order[start : start + size]
+                batches.append(batch + cycled[: size - len(batch)])
         batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
-        return batches[: len(batches) // self.world * self.world][self.rank :: self.world]
+        extra = -len(batches) % self.world  # more ranks than batches: round the list again
+        batches += (batches * (extra // len(batches) + 1))[:extra]
+        return batches[self.rank :: self.world]
 
     def __len__(self) -> int:
-        full = sum(len(group) // self.batch_size for group in self.groups)
-        return full // self.world
+        total = sum(-(-len(group) // self.batch_size) for group in self.groups)
+        return -(-total // self.world)
 
     def __iter__(self):
         return iter(self.epoch_batches(self.epoch))

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from codec.codec import DOWNSAMPLE, Codec
 from codec.factors import scale_latents, scale_std
 from codec.images import save_image
-from codec.io import read_metadata
+from codec.io import is_mlp_vae, read_metadata
 from codec.latent_space import check as check_space
 from codec.latent_space import from_metadata
 from codec.latents import shards as sh
@@ -75,6 +75,18 @@ def load_codec(path, device=None, dtype="fp32", batch_size=8, max_memory=None) -
     info.update(scaling_factor=codec.scaling_factor, shift_factor=codec.shift_factor, meta=meta,
                 latent_space=codec.latent_space)
     return codec, info
+
+
+def refuse_flat_latents(codec) -> None:
+    """Shards hold spatial (C, h, w) latents for diffusion training; the MLP VAE baseline's flat
+    (D,) latents of 28-px images are for comparisons, encoded in memory."""
+    if is_mlp_vae(codec):
+        raise ValueError(
+            f"{codec if isinstance(codec, (str, os.PathLike)) else 'this codec'} is the MLP VAE baseline: "
+            "compress writes spatial latent shards of kl-f8 codecs (AutoencoderKL, AutoencoderTiny) for "
+            "diffusion training. Encode MLP VAE latents with `vae-codec encode` or Codec.encode, or compare "
+            "it with `vae-codec eval`"
+        )
 
 
 def _distributed_state():
@@ -145,6 +157,7 @@ def compress(
     if shard_size < 1 or seed < 0:
         raise ValueError("--shard-size must be >= 1 and --seed >= 0")
 
+    refuse_flat_latents(codec_path)
     state = _distributed_state()
     rank, world = (state.process_index, state.num_processes) if state else (0, 1)
     barrier = state.wait_for_everyone if state else (lambda: None)
@@ -159,6 +172,7 @@ def compress(
     device = device or (state.device if state else None)
     codec, codec_info = load_codec(codec_path, device=device, dtype=dtype, batch_size=batch_size,
                                    max_memory=max_memory)
+    refuse_flat_latents(codec.vae)  # a hub id: known once loaded
     # The class list: class folders (--labels folders), or the string labels of metadata.jsonl /
     # a dataset's label column, so that "cat" is a class index like a folder name is.
     classes = (folder_classes(Path(source), [i.key for i in inputs]) if labels == "folders"

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from codec.codec import Codec
+from codec.codec import DOWNSAMPLE, Codec
 from codec.factors import factors_from_stats
+from codec.io import is_autoencoder_tiny
 from codec.latents.inputs import ImageInputs, as_list
 from codec.sources import is_stream, list_source
 
@@ -66,6 +67,38 @@ def measure_images(codec: Codec, source, resolution: int, samples: int, seed: in
                             num_workers)
     stats["skipped"] = [p["reason"] for p in problems] + stats["skipped"]
     return stats
+
+
+DEFAULT_RESOLUTION = 256
+
+
+def measuring_resolution(codec: Codec, requested: int | None) -> int:
+    """The square side images are measured at: a fixed-size codec's own side (the MLP VAE's 28),
+    else ``requested`` (default 256), a positive multiple of 8."""
+    native = codec.native_size
+    if native is not None:
+        if requested not in (None, native):
+            raise ValueError(f"{codec.name} takes {native}x{native} images only; leave --resolution out "
+                             f"(it measures at {native})")
+        return native
+    requested = DEFAULT_RESOLUTION if requested is None else requested
+    if requested <= 0 or requested % DOWNSAMPLE:
+        raise ValueError(f"--resolution must be a positive multiple of {DOWNSAMPLE}, got {requested}")
+    return requested
+
+
+def check_rescalable(codec: Codec, normalisation: str) -> None:
+    """Refuse factors a codec cannot carry, before any measuring: a distilled student's latents are
+    its teacher's scaled ones (new factors would leave the space its teacher decodes), and
+    diffusers' AutoencoderTiny config has no per-channel statistics (it drops them on loading)."""
+    teacher = (codec.meta.get("latent_stats") or {}).get("teacher")
+    if teacher:
+        raise ValueError(f"{codec.name} is a student distilled from {teacher}: its latents are the teacher's "
+                         "scaled latents, so its factors stay 1 and 0. Measure the teacher's factors "
+                         f"(`vae-codec scale --codec {teacher}`) and distil again")
+    if normalisation == "per-channel" and is_autoencoder_tiny(codec.vae):
+        raise ValueError(f"{codec.name} is an AutoencoderTiny: its diffusers config has no latents_mean/"
+                         "latents_std (diffusers drops them on loading); use the plain scale or --shift")
 
 
 def apply_factors(codec: Codec, stats: dict, normalisation: str) -> None:
