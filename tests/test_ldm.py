@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from codec import Codec
 from codec.cli import main as cli
+from codec.latent_space import LatentSpaceMismatch
 from codec.models import build_autoencoder
 from train.ldm import LatentStream, main, sample_latents
 
@@ -126,6 +127,9 @@ def test_bad_settings_are_refused(run, latents, tmp_path, capsys):
         main(args(run, latents, "max_steps=6"))
     with pytest.raises(ValueError, match="model configuration changed.*block_out_channels"):
         main(args(run, latents, "max_steps=6", "resume=true", "model.block_out_channels=[16,16]"))
+    other = Codec(build_autoencoder("test"), device="cpu").save_pretrained(tmp_path / "other")
+    with pytest.raises(LatentSpaceMismatch, match="not in the latent space of.*made them with data.codec"):
+        main(args(tmp_path / "y", latents, "max_steps=1", f"data.codec={other}"))
 
 
 def test_flipped_latents_are_one_view_per_epoch_reproducibly(image_folder_module, tmp_path):

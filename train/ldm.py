@@ -227,7 +227,7 @@ def _train(cfg: LDMConfig) -> Path:
     codec = None
     if is_main:
         # The codec that made the latents (checked by weight hash and factors) decodes samples.
-        codec = codec_of_latents(data.data.job, cfg.data.codec, device=accelerator.device)
+        codec = codec_of_latents(data.data.job, cfg.data.codec, option="data.codec", device=accelerator.device)
         items = [data[(i, 0)] for i in range(min(len(data), 64))]
         probe = torch.cat([(x[0] if isinstance(x, tuple) else x).flatten() for x in items])  # buckets differ
         print(

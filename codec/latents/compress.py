@@ -381,9 +381,11 @@ def noise_id(item: dict) -> list[int]:
 
 
 # ------------------------------------------------------------------------- decompress
-def codec_of_latents(manifest: dict, codec_path=None, force: bool = False, **kwargs) -> Codec:
+def codec_of_latents(manifest: dict, codec_path=None, force: bool = False, option: str = "--codec",
+                     **kwargs) -> Codec:
     """The codec a compress job was made with (its recorded path unless ``codec_path``), refusing
-    one of another latent space (:mod:`codec.latent_space`) unless ``force`` (then a warning)."""
+    one of another latent space (:mod:`codec.latent_space`) unless ``force`` (then a warning);
+    ``option`` is how the caller's user names the codec, for the message."""
     made_by = manifest["codec"]
     codec, info = load_codec(codec_path or made_by["path"], **kwargs)
     recorded = made_by.get("latent_space")
@@ -395,7 +397,8 @@ def codec_of_latents(manifest: dict, codec_path=None, force: bool = False, **kwa
                         scaling_factor=made_by["scaling_factor"], shift_factor=made_by["shift_factor"])
     warning = check_space(from_metadata(json.dumps(recorded), "the manifest's codec.latent_space"),
                           codec.latent_space, "these latents", force=force,
-                          fix="pass the codec that made them with --codec (or --force to decode anyway)")
+                          fix=f"pass the codec that made them with {option}"
+                              + (" (or --force to decode anyway)" if option == "--codec" else ""))
     if warning:
         print(warning, file=sys.stderr)
     return codec
