@@ -51,3 +51,63 @@ def test_shipped_distill_config_loads():
                       ["data.train=/x", "distill.teacher=/t", "model.kind=autoencoder-tiny"])
     validate(cfg)
     assert cfg.distill.student == "taesd" and cfg.distill.train == "both"
+
+
+# ------------------------------------------------------------------------- ranges of every key
+from train.ldm_config import LDMConfig, load_ldm_config, validate_ldm  # noqa: E402
+from train.ranges import LDM_RANGES, TRAIN_RANGES, numeric_keys, within  # noqa: E402
+
+TRAINERS = {"train": (TrainConfig, TRAIN_RANGES), "train.ldm": (LDMConfig, LDM_RANGES)}
+
+
+@pytest.mark.parametrize("trainer", list(TRAINERS))
+def test_every_numeric_key_has_a_range(trainer):
+    cls, ranges = TRAINERS[trainer]
+    assert sorted(numeric_keys(cls)) == sorted(ranges)
+
+
+def _outside(key: str, interval: str) -> str:
+    """YAML for a value just outside ``interval``: below its lower end, above [1, 3], NaN where
+    it is unbounded; a one-item list for list keys."""
+    low = interval[1:-1].split(",")[0]
+    value = ".nan" if low == "-inf" else "4" if interval == "[1, 3]" else \
+        str(float(low) - 1 if interval[0] == "[" else float(low))
+    if value not in (".nan",) and "." not in low and value.endswith(".0"):
+        value = value[:-2]  # an int key takes an int
+    if key == "optim.betas":
+        return f"[{value}, 0.9]"  # two values, the first out of range
+    return f"[{value}]" if key in ("mlp.hidden_sizes", "model.block_out_channels") else value
+
+
+def _load(trainer, key, value):
+    base = {"train": ["data.train=[imgs]"], "train.ldm": ["data.latents=lat"]}[trainer]
+    if trainer == "train":
+        return validate(load_config(None, [*base, f"{key}={value}"]))
+    return validate_ldm(load_ldm_config(None, [*base, f"{key}={value}"]))
+
+
+@pytest.mark.parametrize("trainer,key", [(t, k) for t, (_, r) in TRAINERS.items() for k in r])
+def test_a_value_out_of_range_names_key_value_and_range(trainer, key):
+    interval = TRAINERS[trainer][1][key]
+    with pytest.raises(ValueError) as info:
+        _load(trainer, key, _outside(key, interval))
+    # the range's message, or (keys checked before ranges existed) one that also starts with the key
+    message = str(info.value)
+    assert message.startswith(key) and (message.endswith(f"valid values are in {interval}") or "must be" in message)
+
+
+@pytest.mark.parametrize("key,value", [
+    ("log_every", 0), ("val_every", -1), ("mlp.kl_anneal_ratio", 0), ("optim.lr", -1e-4), ("ema_decay", 1.5),
+    ("loss.kl_weight", -1), ("optim.min_lr_ratio", 5), ("optim.warmup_steps", -5), ("mlp.beta", -1),
+    ("scale_samples", 0),
+])
+def test_the_issues_values_are_refused_at_load_time(key, value):
+    with pytest.raises(ValueError) as info:
+        _load("train", key, value)
+    assert str(info.value) in [f"{key}: {v!r} is out of range; valid values are in {TRAIN_RANGES[key]}"
+                               for v in (value, float(value))]  # ints given for float keys read as floats
+
+
+def test_intervals():
+    assert within(0, "[0, 1)") and not within(1, "[0, 1)") and not within(0, "(0, inf)")
+    assert within(1e9, "(0, inf)") and not within(float("nan"), "(-inf, inf)") and within(1, "[0, 1]")

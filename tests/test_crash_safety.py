@@ -97,3 +97,26 @@ def test_sigkill_and_ctrl_c_resume_to_the_uninterrupted_result(tmp_path, image_f
     a = load_file(tmp_path / "run" / "codec" / "diffusion_pytorch_model.safetensors")
     b = load_file(tmp_path / "straight" / "codec" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+
+
+def test_a_checkpoint_that_fails_to_write_leaves_the_previous_one_and_says_so(tmp_path, image_folder, monkeypatch):
+    import train.loop
+    from train.checkpoints import CheckpointError
+
+    real_export, calls = train.loop.export_codec, []
+
+    def export_failing_the_second_time(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("measure_factors needs at least one image")
+        return real_export(*a, **k)
+
+    monkeypatch.setattr(train.loop, "export_codec", export_failing_the_second_time)
+    out = tmp_path / "run"
+    with pytest.raises(CheckpointError, match=r"step 6 could not be written \(ValueError: measure_factors.*"
+                                              r"step_00000003 is intact: fix the cause and rerun with resume=true"):
+        main(args(out, image_folder, "max_steps=6"))
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000003"]  # no half checkpoint
+    monkeypatch.setattr(train.loop, "export_codec", real_export)
+    assert main(args(out, image_folder, "max_steps=6", "resume=true")) == 0
+    assert complete(out / "checkpoints", 6)()

@@ -89,10 +89,14 @@ def test_targets_are_the_teachers_codec_latents_and_decoding(teacher):
 def test_one_part_trains_the_other_stays(tmp_path, image_folder, teacher, part, trained, kept):
     init = tmp_path / "init"
     torch.manual_seed(1)
-    build_student("test").save_pretrained(init)
+    start = build_student("test")
+    start.register_to_config(scaling_factor=1.5305, shift_factor=0.0609)  # TAESD3-like factors of raw latents
+    start.save_pretrained(init)
     out = tmp_path / part
     assert main(args(out, image_folder, teacher, "max_steps=2", f"distill.train={part}", f"model.init_from={init}",
                      "ema_decay=0")) == 0
+    exported = json.loads((out / "codec" / "config.json").read_text())
+    assert (exported["scaling_factor"], exported["shift_factor"]) == (1.0, 0.0)  # it learnt the scaled latents
     before, after = weights(init), weights(out / "codec")
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(kept))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(trained))

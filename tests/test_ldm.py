@@ -187,6 +187,12 @@ def test_class_conditional_training_guidance_and_per_class_samples(labelled_late
     assert UNet2DModel.from_pretrained(tmp_path / "uncond" / "pipeline" / "unet").config.num_class_embeds is None
 
 
+def test_guidance_without_a_trained_null_class_is_refused(labelled_latents, tmp_path):
+    with pytest.raises(ValueError, match="class_dropout 0 never trains the null class"):
+        main(args(tmp_path / "x", labelled_latents, "max_steps=1", "class_dropout=0"))
+    assert main(args(tmp_path / "y", labelled_latents, "max_steps=1", "class_dropout=0", "guidance_scale=1")) == 0
+
+
 def test_class_conditional_yes_needs_labels(latents, tmp_path):
     with pytest.raises(ValueError, match="holds no labels"):
         main(args(tmp_path / "x", latents, "max_steps=1", "class_conditional=yes"))

@@ -37,6 +37,10 @@ _IGNORED_KEYS = {"scaling_factor", "shift_factor", "latents_mean", "latents_std"
                  "_use_default_values"}
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that could not be written (its partial folder removed; the message says what is left)."""
+
+
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -185,9 +189,17 @@ def save_checkpoint(accelerator, ckpt_dir: Path, step: int, own_state: dict, kee
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
-        save_objects(tmp, own_state)
-        write_extras(tmp)
-        finish(tmp, ckpt_dir / name)
+        try:
+            save_objects(tmp, own_state)
+            write_extras(tmp)
+            finish(tmp, ckpt_dir / name)
+        except Exception as exc:  # never a half checkpoint, and say what is left
+            shutil.rmtree(tmp, ignore_errors=True)
+            previous = latest_checkpoint(ckpt_dir)
+            left = (f"the previous checkpoint {previous} is intact: fix the cause and rerun with resume=true"
+                    if previous else "there is no earlier checkpoint to resume from")
+            raise CheckpointError(f"the checkpoint of step {step} could not be written "
+                                  f"({type(exc).__name__}: {exc}); {left}") from exc
         prune(ckpt_dir, keep)
     accelerator.wait_for_everyone()
     return ckpt_dir / name

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from train.ranges import TRAIN_RANGES, check_ranges
+
 
 @dataclass
 class ModelConfig:
@@ -142,8 +144,8 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     log_every: int = 10
-    image_every: int = 250
-    val_every: int = 500
+    image_every: int = 250  # 0: no sample grids
+    val_every: int = 500  # 0: no validation (with data.val)
     scale_samples: int = 32  # training crops used to measure the scaling factor at export
     resume: bool = False  # continue from the latest checkpoint in output_dir
     max_nonfinite_steps: int = 5  # skip steps with an inf/NaN loss; stop after this many in a row
@@ -322,6 +324,7 @@ def validate(cfg: TrainConfig) -> None:
         check_transforms(cfg.loss.equivariance_transforms, (latent, latent), "loss.equivariance_transforms")
     if len(cfg.optim.betas) != 2:
         raise ValueError(f"optim.betas must have two values, got {cfg.optim.betas}")
+    check_ranges(cfg, TRAIN_RANGES)
 
 
 def validate_student(cfg: TrainConfig) -> None:

@@ -86,6 +86,13 @@ class DistillRecipe(KLF8Recipe):
             if not is_autoencoder_tiny(vae):
                 raise ValueError(f"model.init_from {self.cfg.model.init_from}: a {type(vae).__name__}, "
                                  "not an AutoencoderTiny student")
+            if (vae.config.scaling_factor, vae.config.shift_factor or 0.0) != (1.0, 0.0):
+                # It now learns the teacher's *scaled* latents, which need no factors (1 and 0): keeping
+                # its own (e.g. TAESD3's 1.5305 / 0.0609) would rescale them wrongly on every decode.
+                print(f"model.init_from {self.cfg.model.init_from}: scaling_factor {vae.config.scaling_factor} "
+                      f"and shift_factor {vae.config.shift_factor} become 1 and 0 (the student learns the "
+                      "teacher's scaled latents)")
+                vae.register_to_config(scaling_factor=1.0, shift_factor=0.0)
         else:
             vae = build_student(self.cfg.distill.student, channels)
         if vae.config.latent_channels != channels:

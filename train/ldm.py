@@ -205,6 +205,10 @@ def _train(cfg: LDMConfig) -> Path:
     if conditional and data.num_classes == 0:
         raise ValueError(f"class_conditional=yes but {cfg.data.latents} holds no labels "
                          "(compress with --labels folders, or with .cls side files)")
+    if conditional and cfg.class_dropout == 0 and cfg.guidance_scale != 1:
+        raise ValueError(f"class_dropout 0 never trains the null class, so guidance_scale {cfg.guidance_scale} "
+                         "would extrapolate from an untrained embedding: set class_dropout > 0 (0.1 is usual) "
+                         "or guidance_scale=1 (sampling without guidance)")
     data.with_labels = conditional
     num_classes = data.num_classes if conditional else 0
     unet = build_unet(cfg, data.shape, num_classes)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from train.config import load_config
+from train.ranges import LDM_RANGES, check_ranges
 
 
 @dataclass
@@ -74,6 +75,7 @@ def validate_ldm(cfg: LDMConfig) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ValueError(f"{key}: unknown {value!r}; choose from {list(allowed)}")
+    check_ranges(cfg, LDM_RANGES)  # before the checks below divide by them
     if not 0 <= cfg.class_dropout < 1:
         raise ValueError(f"class_dropout must be in [0, 1), got {cfg.class_dropout}")
     if not cfg.data.latents:

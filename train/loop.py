@@ -409,7 +409,7 @@ def after_step(run: Run, dataset, validation: Validation, progress, logs: dict, 
     log_step(run, logs, progress)
     if run.is_main and cfg.image_every and run.state.step % cfg.image_every == 0:
         show_reconstructions(run, x, recon)
-    if run.is_main and validation and run.state.step % cfg.val_every == 0:
+    if run.is_main and validation and cfg.val_every and run.state.step % cfg.val_every == 0:
         validation()
     stop = run.state.step >= cfg.max_steps or over_time
     interrupted = signal_name if signal_name and not stop else None  # a run that just finished simply finishes
