@@ -222,3 +222,54 @@ def test_bucketed_latents_train_one_shape_per_batch_and_resume_exactly(tmp_path)
     bad = ("batch_size=2", "max_steps=1", "model.block_out_channels=[16,32,32,32,32]", "model.attention_levels=1")
     with pytest.raises(ValueError, match="not multiples of 16"):  # 64x128 px buckets: latents of 8 and 16
         main(args(tmp_path / "deep", lat, *bad))
+
+
+def test_a_nan_batch_is_skipped_and_counted_too_many_stop_the_run(latents, tmp_path, monkeypatch, capsys):
+    import json
+
+    import train.ldm
+
+    real, calls = train.ldm.diffusion_loss, []
+
+    def nan_at_step_2(*a, **k):
+        calls.append(1)
+        loss = real(*a, **k)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(train.ldm, "diffusion_loss", nan_at_step_2)
+    out = tmp_path / "nan"
+    assert main(args(out, latents, "max_steps=4", "checkpoint_every=4")) == 0  # was: FloatingPointError
+    assert "step 1: non-finite loss, step skipped (1 in a row, 1 in this run)" in capsys.readouterr().out
+    state = json.loads((out / "checkpoints" / "step_00000004" / "train_state.json").read_text())
+    assert state["nonfinite"] == {"total": 1, "in_a_row": 0}
+    monkeypatch.setattr(train.ldm, "diffusion_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    assert main(args(tmp_path / "all_nan", latents, "max_steps=4", "max_nonfinite_steps=2")) == 1
+    assert "2 optimiser steps in a row had a non-finite loss" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_that_resumes_bit_exactly(latents, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "train.ldm", *args(out, latents, "max_steps=100000", "checkpoint_every=3",
+                                                    "sample_every=0", "keep_checkpoints=10")]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoints" / "step_00000003" / "COMPLETE").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "timeout"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGTERM)  # what a scheduler sends before killing a pre-empted job
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted (SIGTERM)" in output and "resume=true" in output, output
+    steps = max(int(p.name.split("_")[1]) for p in (out / "checkpoints").iterdir() if (p / "COMPLETE").exists())
+    assert steps >= 3
+    assert main(args(out, latents, f"max_steps={steps + 2}", "sample_every=0", "resume=true")) == 0
+    assert main(args(tmp_path / "straight", latents, f"max_steps={steps + 2}", "sample_every=0")) == 0
+    a, b = unet_weights(out), unet_weights(tmp_path / "straight")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -33,7 +34,9 @@ from tqdm.auto import tqdm
 from codec.launch import relaunch_if_needed
 from train import run as runs
 from train.config import config_parser
+from train.guards import NonFiniteGuard, NonFiniteLossError, StopSignals
 from train.ldm_config import LDMConfig, load_ldm_config, validate_ldm
+from train.steps import TrainingInterrupted, agree, step_optimisers
 
 
 class LatentStream(Dataset):
@@ -94,6 +97,32 @@ class BucketKeys(torch.utils.data.Sampler):
                 yield [(i, epoch) for i in batch]
                 left -= 1
             epoch, skip = epoch + 1, 0
+
+
+def diffusion_loss(cfg: LDMConfig, unet, noise_scheduler, accelerator, batch, conditional: bool,
+                   num_classes: int) -> torch.Tensor:
+    """The objective on one batch: noise the latents at random times (DDPM) or positions on the
+    straight path (flow), predict epsilon / v / the velocity, mean squared error. Labels are
+    replaced by the null class with probability ``class_dropout`` (classifier-free guidance)."""
+    x0, labels = batch if conditional else (batch, None)
+    x0 = x0.to(accelerator.device, non_blocking=True)
+    if labels is not None:
+        labels = labels.to(accelerator.device)
+        dropped = torch.rand(labels.shape, device=labels.device) < cfg.class_dropout
+        labels = torch.where(dropped, torch.full_like(labels, num_classes), labels)
+    noise = torch.randn_like(x0)
+    T = noise_scheduler.config.num_train_timesteps
+    if cfg.objective == "flow":  # rectified flow: x_t = (1 - s) x0 + s noise, predict noise - x0
+        sigma = torch.rand(x0.shape[0], device=x0.device)
+        s4 = sigma.view(-1, 1, 1, 1)
+        noisy, target, t = (1 - s4) * x0 + s4 * noise, noise - x0, sigma * T
+    else:
+        t = torch.randint(0, T, (x0.shape[0],), device=x0.device)
+        noisy = noise_scheduler.add_noise(x0, noise, t)
+        target = noise if cfg.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, t)
+    with accelerator.autocast():
+        pred = unet(noisy, t, class_labels=labels).sample
+    return F.mse_loss(pred.float(), target.float())
 
 
 def build_unet(cfg: LDMConfig, shape: tuple[int, ...], num_classes: int = 0):
@@ -223,8 +252,13 @@ def _train(cfg: LDMConfig) -> Path:
         ema.to(accelerator.device)
     runs.seed_per_process(accelerator, cfg.seed)
     state = runs.TrainState()
-    own_state = {"train": state, **({"ema": ema} if ema is not None else {})}  # saved without pickle
-    runs.resume(accelerator, resume_from, own_state, state)
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps)
+    params = list(raw.parameters())
+    own_state = {"train": state, "nonfinite": guard, **({"ema": ema} if ema is not None else {})}  # no pickle
+    restored = dict(own_state)
+    if resume_from and "nonfinite" not in json.loads((resume_from / ckpt.STATE_JSON).read_text()):
+        del restored["nonfinite"]  # a checkpoint from before the guard: its counts start at 0
+    runs.resume(accelerator, resume_from, restored, state)
     runs.open_output(accelerator, cfg)
     ema_weights = runs.ema_weights(ema, raw.parameters())
 
@@ -291,59 +325,60 @@ def _train(cfg: LDMConfig) -> Path:
         loader = DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **options)
     unet.train()
     progress = tqdm(total=cfg.max_steps, initial=state.step, disable=not is_main, desc="train.ldm")
-    T = noise_scheduler.config.num_train_timesteps
-    for batch in loader:
-        x0, labels = batch if conditional else (batch, None)
-        x0 = x0.to(accelerator.device, non_blocking=True)
-        if labels is not None:  # classifier-free guidance: some labels become the null class
-            labels = labels.to(accelerator.device)
-            dropped = torch.rand(labels.shape, device=labels.device) < cfg.class_dropout
-            labels = torch.where(dropped, torch.full_like(labels, num_classes), labels)
-        noise = torch.randn_like(x0)
-        if cfg.objective == "flow":  # rectified flow: x_t = (1 - s) x0 + s noise, predict noise - x0
-            sigma = torch.rand(x0.shape[0], device=x0.device)
-            s4 = sigma.view(-1, 1, 1, 1)
-            noisy, target, t = (1 - s4) * x0 + s4 * noise, noise - x0, sigma * T
-        else:
-            t = torch.randint(0, T, (x0.shape[0],), device=x0.device)
-            noisy = noise_scheduler.add_noise(x0, noise, t)
-            target = noise if cfg.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, t)
-        with accelerator.autocast():
-            pred = unet(noisy, t, class_labels=labels).sample
-        loss = F.mse_loss(pred.float(), target.float())
-        accelerator.backward(loss)
-        if cfg.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
-        lr = cfg.lr * min(1.0, (state.step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        value = accelerator.reduce(loss.detach(), "mean").item()
-        if not math.isfinite(value):
-            raise FloatingPointError(f"non-finite loss at step {state.step}")
-        if ema is not None and not optimizer.step_was_skipped:  # fp16: the scaler skipped an overflow
-            ema.step(raw.parameters())
-        state.step += 1
-        progress.update(1)
-        if state.step % cfg.log_every == 0 or state.step == 1:
-            accelerator.log({"train/loss": value, "train/lr": lr}, step=state.step)
-            progress.set_postfix(loss=f"{value:.4f}")
-        done = state.step >= cfg.max_steps
-        if is_main and cfg.sample_every and state.step % cfg.sample_every == 0 and not done:
-            samples()
-        if state.step % cfg.checkpoint_every == 0 and not done:
-            save_checkpoint()
-        if done:
-            break
+    started, interrupted, stopped_by = time.monotonic(), None, None
+    with StopSignals() as signals:
+        for batch in loader:
+            loss = diffusion_loss(cfg, unet, noise_scheduler, accelerator, batch, conditional, num_classes)
+            accelerator.backward(loss)
+            over_time = cfg.max_minutes > 0 and time.monotonic() - started > cfg.max_minutes * 60
+            # One collective per step: every rank skips, stops or is interrupted together (as train.loop).
+            nonfinite, over_time, signalled = agree(accelerator, not math.isfinite(loss.item()), over_time,
+                                                    signals.requested is not None)
+            value = accelerator.reduce(loss.detach(), "mean").item()
+            lr = cfg.lr * min(1.0, (state.step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+            latest = ckpt.latest_checkpoint(ckpt_dir) if nonfinite else None  # for the message only
+            if not guard.update(not nonfinite, state.step, {"loss": value}, latest and str(latest)):
+                _, stepped = step_optimisers(accelerator, [(optimizer, params, lr)], cfg.max_grad_norm)
+                if ema is not None and stepped:  # fp16: no EMA step where the scaler skipped the weights' step
+                    ema.step(raw.parameters())
+            elif is_main:
+                tqdm.write(f"step {state.step}: non-finite loss, step skipped "
+                           f"({guard.in_a_row} in a row, {guard.total} in this run)")
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            progress.update(1)
+            if state.step % cfg.log_every == 0 or state.step == 1:
+                accelerator.log({"train/loss": value, "train/lr": lr, "train/nonfinite_steps": guard.total},
+                                step=state.step)
+                progress.set_postfix(loss=f"{value:.4f}")
+            done = state.step >= cfg.max_steps or over_time
+            stopped_by = "max_steps" if state.step >= cfg.max_steps else "max_minutes" if over_time else None
+            interrupted = (signals.requested or "a signal to another process") if signalled and not done else None
+            if is_main and cfg.sample_every and state.step % cfg.sample_every == 0 and not done:
+                samples()
+            if interrupted or (state.step % cfg.checkpoint_every == 0 and not done):
+                save_checkpoint()
+            if done or interrupted:
+                break
     progress.close()
+    if interrupted:
+        accelerator.end_training()
+        last = ckpt_dir / ckpt.checkpoint_name(state.step)
+        message = (f"interrupted ({interrupted}) at step {state.step}: checkpoint {last} saved; "
+                   "continue with --set resume=true")
+        if is_main:
+            print(message)
+        raise TrainingInterrupted(message, last)
 
     final = runs.final_checkpoint(ckpt_dir, state.step, save_checkpoint)
     pipeline_dir = out / "pipeline"
     if is_main:
         grid = samples()
         runs.publish(final / "pipeline", pipeline_dir)
-        print(f"step {state.step}: checkpoint {final}, pipeline {pipeline_dir}, samples {grid}")
+        why = {"max_steps": f"max_steps {cfg.max_steps} reached",
+               "max_minutes": f"max_minutes {cfg.max_minutes:g} reached; rerun with --set resume=true to go on"
+               }.get(stopped_by, f"nothing left to do: the run is at max_steps {cfg.max_steps}")
+        print(f"step {state.step} ({why}): checkpoint {final}, pipeline {pipeline_dir}, samples {grid}")
     accelerator.end_training()
     return pipeline_dir
 
@@ -360,7 +395,13 @@ def main(argv: list[str] | None = None) -> int:
         validate_ldm(cfg)
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
-    train_ldm(cfg)
+    try:
+        train_ldm(cfg)
+    except TrainingInterrupted:
+        return 130  # the shell's code for Ctrl-C; the checkpoint is saved and was announced
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -54,6 +54,8 @@ class LDMConfig:
     keep_checkpoints: int = 2
     log_every: int = 50
     resume: bool = False
+    max_minutes: float = 0.0  # wall-clock budget of this invocation (then a checkpoint; resume=true goes on)
+    max_nonfinite_steps: int = 5  # skip steps with an inf/NaN loss; stop after this many in a row
     # Class-conditional when the latents carry labels (`vae-codec compress --labels folders`, or
     # .cls side data): "auto", "yes" (labels required) or "no" (ignore them).
     class_conditional: str = "auto"

@@ -45,7 +45,7 @@ LDM_RANGES = {
     "ema_decay": SHARE, "num_train_timesteps": AT_LEAST_ONE, "sample_steps": AT_LEAST_ONE,
     "num_samples": AT_LEAST_ONE, "sample_every": NON_NEGATIVE, "checkpoint_every": AT_LEAST_ONE,
     "keep_checkpoints": AT_LEAST_ONE, "log_every": AT_LEAST_ONE, "class_dropout": SHARE,
-    "guidance_scale": NON_NEGATIVE,
+    "guidance_scale": NON_NEGATIVE, "max_minutes": NON_NEGATIVE, "max_nonfinite_steps": AT_LEAST_ONE,
 }
 
 
