@@ -51,3 +51,11 @@ def test_codec():
 
     torch.manual_seed(0)
     return Codec(build_autoencoder("test"), device="cpu", batch_size=2)
+
+
+def assert_user_error(capsys, code: int, pattern: str) -> None:
+    """A command's one-line user error: exit 2, the message matching ``pattern``, no traceback."""
+    import re
+
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(pattern, err) and "Traceback" not in err, (code, err)

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import assert_user_error
 from diffusers import AutoencoderKL, AutoencoderTiny
 from safetensors.torch import load_file
 
@@ -113,20 +114,20 @@ def test_resume_continues_exactly(tmp_path, image_folder, teacher):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_bad_teachers_and_students_are_refused(tmp_path, image_folder, teacher):
+def test_bad_teachers_and_students_are_refused(tmp_path, image_folder, teacher, capsys):
     torch.manual_seed(0)
     build_student("test").save_pretrained(tmp_path / "tiny")
-    with pytest.raises(ValueError, match="not an AutoencoderKL"):
-        main(args(tmp_path / "a", image_folder, tmp_path / "tiny", "max_steps=1"))
+    code = main(args(tmp_path / "a", image_folder, tmp_path / "tiny", "max_steps=1"))
+    assert_user_error(capsys, code, "not an AutoencoderKL")
     wide = AutoencoderTiny(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
                            num_encoder_blocks=(1,) * 4, num_decoder_blocks=(1,) * 4, latent_channels=8)
     wide.save_pretrained(tmp_path / "wide")
-    with pytest.raises(ValueError, match="8 latent channels.*has 4"):
-        main(args(tmp_path / "b", image_folder, teacher, "max_steps=1", f"model.init_from={tmp_path / 'wide'}"))
+    code = main(args(tmp_path / "b", image_folder, teacher, "max_steps=1", f"model.init_from={tmp_path / 'wide'}"))
+    assert_user_error(capsys, code, "8 latent channels.*has 4")
     kl = tmp_path / "kl"
     AutoencoderKL(**{**build_autoencoder("test").config}).save_pretrained(kl)
-    with pytest.raises(ValueError, match="not an AutoencoderTiny"):
-        main(args(tmp_path / "c", image_folder, teacher, "max_steps=1", f"model.init_from={kl}"))
+    code = main(args(tmp_path / "c", image_folder, teacher, "max_steps=1", f"model.init_from={kl}"))
+    assert_user_error(capsys, code, "not an AutoencoderTiny")
 
 
 @pytest.mark.parametrize("setting,message", [

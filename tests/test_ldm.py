@@ -3,14 +3,13 @@
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, assert_user_error
 from diffusers import DDPMPipeline, UNet2DModel
 from PIL import Image
 from safetensors.torch import load_file
 
 from codec import Codec
 from codec.cli import main as cli
-from codec.latent_space import LatentSpaceMismatch
 from codec.models import build_autoencoder
 from train.ldm import LatentStream, main, sample_latents
 
@@ -123,13 +122,12 @@ def test_bad_settings_are_refused(run, latents, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(args(tmp_path / "x", latents, "model.unknown=1"))
     assert "model.unknown" in capsys.readouterr().err
-    with pytest.raises(FileExistsError, match="resume=true"):
-        main(args(run, latents, "max_steps=6"))
-    with pytest.raises(ValueError, match="model configuration changed.*block_out_channels"):
-        main(args(run, latents, "max_steps=6", "resume=true", "model.block_out_channels=[16,16]"))
+    assert_user_error(capsys, main(args(run, latents, "max_steps=6")), "resume=true")
+    code = main(args(run, latents, "max_steps=6", "resume=true", "model.block_out_channels=[16,16]"))
+    assert_user_error(capsys, code, "model configuration changed.*block_out_channels")
     other = Codec(build_autoencoder("test"), device="cpu").save_pretrained(tmp_path / "other")
-    with pytest.raises(LatentSpaceMismatch, match="not in the latent space of.*made them with data.codec"):
-        main(args(tmp_path / "y", latents, "max_steps=1", f"data.codec={other}"))
+    code = main(args(tmp_path / "y", latents, "max_steps=1", f"data.codec={other}"))
+    assert_user_error(capsys, code, "not in the latent space of.*made them with data.codec")
 
 
 def test_flipped_latents_are_one_view_per_epoch_reproducibly(image_folder_module, tmp_path):
@@ -187,18 +185,18 @@ def test_class_conditional_training_guidance_and_per_class_samples(labelled_late
     assert UNet2DModel.from_pretrained(tmp_path / "uncond" / "pipeline" / "unet").config.num_class_embeds is None
 
 
-def test_guidance_without_a_trained_null_class_is_refused(labelled_latents, tmp_path):
-    with pytest.raises(ValueError, match="class_dropout 0 never trains the null class"):
-        main(args(tmp_path / "x", labelled_latents, "max_steps=1", "class_dropout=0"))
+def test_guidance_without_a_trained_null_class_is_refused(labelled_latents, tmp_path, capsys):
+    code = main(args(tmp_path / "x", labelled_latents, "max_steps=1", "class_dropout=0"))
+    assert_user_error(capsys, code, "class_dropout 0 never trains the null class")
     assert main(args(tmp_path / "y", labelled_latents, "max_steps=1", "class_dropout=0", "guidance_scale=1")) == 0
 
 
-def test_class_conditional_yes_needs_labels(latents, tmp_path):
-    with pytest.raises(ValueError, match="holds no labels"):
-        main(args(tmp_path / "x", latents, "max_steps=1", "class_conditional=yes"))
+def test_class_conditional_yes_needs_labels(latents, tmp_path, capsys):
+    code = main(args(tmp_path / "x", latents, "max_steps=1", "class_conditional=yes"))
+    assert_user_error(capsys, code, "holds no labels")
 
 
-def test_bucketed_latents_train_one_shape_per_batch_and_resume_exactly(tmp_path):
+def test_bucketed_latents_train_one_shape_per_batch_and_resume_exactly(tmp_path, capsys):
     from conftest import SHARED_DATA, smooth_image
 
     src = tmp_path / "mixed"
@@ -220,8 +218,8 @@ def test_bucketed_latents_train_one_shape_per_batch_and_resume_exactly(tmp_path)
     a, b = unet_weights(tmp_path / "whole"), unet_weights(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a)
     bad = ("batch_size=2", "max_steps=1", "model.block_out_channels=[16,32,32,32,32]", "model.attention_levels=1")
-    with pytest.raises(ValueError, match="not multiples of 16"):  # 64x128 px buckets: latents of 8 and 16
-        main(args(tmp_path / "deep", lat, *bad))
+    code = main(args(tmp_path / "deep", lat, *bad))  # 64x128 px buckets: latents of 8 and 16
+    assert_user_error(capsys, code, "not multiples of 16")
 
 
 def test_a_nan_batch_is_skipped_and_counted_too_many_stop_the_run(latents, tmp_path, monkeypatch, capsys):

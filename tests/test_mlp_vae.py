@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, shared, smooth_image
+from conftest import REPO, assert_user_error, shared, smooth_image
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -278,8 +278,8 @@ def test_kl_f8_options_are_refused_for_the_mlp(tmp_path, mnist_small, image_fold
     with pytest.raises(SystemExit):
         train_main(train_args(tmp_path / "r", mnist_small, f"data.val={image_folder}"))
     assert "set data.val_crop=28" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="needs labelled data"):
-        train_main(train_args(tmp_path / "r", image_folder, "mlp.conditional=true"))
+    code = train_main(train_args(tmp_path / "r", image_folder, "mlp.conditional=true"))
+    assert_user_error(capsys, code, "needs labelled data")
 
 
 def test_nll_samples_refused_for_kl_f8(tmp_path, test_codec, image_folder, capsys):

@@ -7,6 +7,7 @@ import tarfile
 
 import pytest
 import torch
+from conftest import assert_user_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_data import hf_dataset, photos, write_shards  # noqa: F401  (fixture and helpers)
@@ -213,7 +214,7 @@ def test_training_streams_a_hugging_face_dataset(tmp_path, photos):  # noqa: F81
         train(tmp_path / "mixed", f"[{tmp_path / 'hf'},pipe:cat x.tar]", "max_steps=1")
 
 
-def test_a_stream_too_small_for_a_batch_is_a_clear_error(tmp_path, photos):  # noqa: F811
+def test_a_stream_too_small_for_a_batch_is_a_clear_error(tmp_path, photos, capsys):  # noqa: F811
     source = pipe_pattern(write_shards(tmp_path / "s", photos, per_shard=2))
-    with pytest.raises(ValueError, match="the stream holds 6 images, fewer than one batch of 8"):
-        train(tmp_path / "run", source, "max_steps=1", "batch_size=8")
+    code = train(tmp_path / "run", source, "max_steps=1", "batch_size=8")
+    assert_user_error(capsys, code, "the stream holds 6 images, fewer than one batch of 8")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, assert_user_error
 from safetensors.torch import load_file
 
 from train.__main__ import main
@@ -48,13 +48,12 @@ def test_resume_continues_exactly(tmp_path, image_folder):
     assert (straight / "samples" / "train_00000003.png").exists()
 
 
-def test_refuses_to_mix_runs(tmp_path, image_folder):
+def test_refuses_to_mix_runs(tmp_path, image_folder, capsys):
     out = tmp_path / "run"
     assert main(args(out, image_folder, "max_steps=3")) == 0
-    with pytest.raises(FileExistsError, match="resume=true"):
-        main(args(out, image_folder, "max_steps=6"))
-    with pytest.raises(ValueError, match="model configuration changed.*block_out_channels"):
-        main(args(out, image_folder, "max_steps=6", "resume=true", "model.preset=tiny"))
+    assert_user_error(capsys, main(args(out, image_folder, "max_steps=6")), "resume=true")
+    code = main(args(out, image_folder, "max_steps=6", "resume=true", "model.preset=tiny"))
+    assert_user_error(capsys, code, "model configuration changed.*block_out_channels")
 
 
 def test_bad_files_are_listed_and_training_goes_on(tmp_path, image_folder):

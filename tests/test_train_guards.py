@@ -6,6 +6,7 @@ import pickle
 
 import pytest
 import torch
+from conftest import assert_user_error
 from safetensors.torch import load_file
 from test_train import args
 
@@ -86,16 +87,15 @@ class _Exploit:
 
 
 @pytest.mark.parametrize("victim", ["optimizer.bin", "random_states_0.pkl"])
-def test_resume_never_unpickles_code(tmp_path, image_folder, victim):
+def test_resume_never_unpickles_code(tmp_path, image_folder, victim, capsys):
     out = tmp_path / "run"
     assert main(args(out, image_folder, "max_steps=3", "loss.perceptual_weight=0", "loss.disc_weight=0")) == 0
     marker = tmp_path / "exploited"
     target = out / "checkpoints" / "step_00000003" / victim
     assert target.exists()
     target.write_bytes(pickle.dumps(_Exploit(marker)))
-    with pytest.raises(ValueError, match=f"cannot resume from .*step_00000003.*{victim}"):
-        main(args(out, image_folder, "max_steps=6", "resume=true", "loss.perceptual_weight=0",
-                  "loss.disc_weight=0"))
+    assert_user_error(capsys, main(args(out, image_folder, "max_steps=6", "resume=true", "loss.perceptual_weight=0",
+                  "loss.disc_weight=0")), f"cannot resume from .*step_00000003.*{victim}")
     assert not marker.exists()
 
 
@@ -104,10 +104,9 @@ def test_resume_never_unpickles_code(tmp_path, image_folder, victim):
     ("train_state.json", "step_00000003: its training state is unreadable"),
     ("vae_config.json", "step_00000003: vae_config.json is unreadable"),
 ])
-def test_corrupt_checkpoint_files_are_clear_errors(tmp_path, image_folder, victim, error):
+def test_corrupt_checkpoint_files_are_clear_errors(tmp_path, image_folder, victim, error, capsys):
     out = tmp_path / "run"
     assert main(args(out, image_folder, "max_steps=3", "loss.perceptual_weight=0", "loss.disc_weight=0")) == 0
     (out / "checkpoints" / "step_00000003" / victim).write_bytes(b"\x00{" * 10)
-    with pytest.raises(ValueError, match=error):
-        main(args(out, image_folder, "max_steps=6", "resume=true", "loss.perceptual_weight=0",
-                  "loss.disc_weight=0"))
+    assert_user_error(capsys, main(args(out, image_folder, "max_steps=6", "resume=true", "loss.perceptual_weight=0",
+                                        "loss.disc_weight=0")), error)

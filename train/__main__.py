@@ -23,18 +23,10 @@ def main(argv: list[str] | None = None, module: str = "train",
         validate(cfg)
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
-    from train.guards import NonFiniteLossError
-    from train.loop import TrainingInterrupted, train  # imported late: `--help` and config errors stay instant
+    from train.command import run_command
+    from train.loop import train  # imported late: `--help` and config errors stay instant
 
-    try:
-        train(cfg)
-    except TrainingInterrupted:
-        return 130  # the shell's code for Ctrl-C; the checkpoint is saved and was announced
-    except NonFiniteLossError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
+    return run_command(module, lambda: train(cfg))
 
 if __name__ == "__main__":
     sys.exit(main())

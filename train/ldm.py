@@ -33,8 +33,9 @@ from tqdm.auto import tqdm
 
 from codec.launch import relaunch_if_needed
 from train import run as runs
+from train.command import run_command
 from train.config import config_parser
-from train.guards import NonFiniteGuard, NonFiniteLossError, StopSignals
+from train.guards import NonFiniteGuard, StopSignals
 from train.ldm_config import LDMConfig, load_ldm_config, validate_ldm
 from train.steps import TrainingInterrupted, agree, step_optimisers
 
@@ -395,14 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         validate_ldm(cfg)
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
-    try:
-        train_ldm(cfg)
-    except TrainingInterrupted:
-        return 130  # the shell's code for Ctrl-C; the checkpoint is saved and was announced
-    except NonFiniteLossError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command("train.ldm", lambda: train_ldm(cfg))
 
 
 if __name__ == "__main__":
