@@ -124,6 +124,12 @@ class Codec:
         self.vae.save_pretrained(str(path), safe_serialization=True)
         if self.dtype != torch.float32:
             self.vae.to(dtype=self.dtype)
+        if is_autoencoder_tiny(self.vae):
+            # diffusers' AutoencoderTiny registers a block_out_channels its own __init__ does not take,
+            # so loading its saved config warns "config attributes ... are not expected": leave it out.
+            config = json.loads((path / "config.json").read_text())
+            config.pop("block_out_channels", None)
+            (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         self.meta.update(meta or {})
         (path / META_FILE).write_text(json.dumps(self.meta, indent=2, default=str))
         return path

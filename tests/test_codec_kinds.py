@@ -113,3 +113,13 @@ def test_a_distilled_student_keeps_its_teachers_factors(tmp_path, capsys):
     Image.fromarray(smooth_image(0, 32, 32)).save(images / "a.png")
     rc, err = run(capsys, "scale", "--codec", folder, "--input", images, "--num-workers", "0")
     assert rc == 2 and "student distilled from runs/tiny/codec" in err
+
+
+def test_our_exports_load_without_diffusers_config_warnings(tmp_path, capsys, caplog):
+    for kind in ("kl-f8", "autoencoder-tiny", "mlp-vae"):
+        folder = Codec(KINDS[kind](), device="cpu").save_pretrained(tmp_path / kind)
+        capsys.readouterr()
+        caplog.clear()
+        Codec.from_pretrained(folder, device="cpu")
+        said = capsys.readouterr().err + caplog.text
+        assert "are not expected" not in said, (kind, said)

