@@ -48,6 +48,14 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+class ImageSizeError(ValueError):
+    """An image whose sides are not multiples of 8 (``.size`` is (height, width))."""
+
+    def __init__(self, message: str, size: tuple[int, int]):
+        super().__init__(message)
+        self.size = size
+
+
 class Codec:
     """Encode images to scaled latents and decode them back.
 
@@ -183,10 +191,10 @@ class Codec:
             return self.vae.fit_images(x), (h, w)
         if h % DOWNSAMPLE or w % DOWNSAMPLE:
             if not pad:
-                raise ValueError(
-                    f"image size {h}x{w} is not a multiple of {DOWNSAMPLE}; pass pad=True "
+                raise ImageSizeError(
+                    f"image size {w}x{h} (width x height) is not a multiple of {DOWNSAMPLE}; pass pad=True "
                     f"(pads by reflection, crop back with decode(..., size=({h}, {w}))) or "
-                    "crop/resize the images first"
+                    "crop/resize the images first", (h, w)
                 )
             ph, pw = -h % DOWNSAMPLE, -w % DOWNSAMPLE
             # Reflection needs pad < size; replicate covers tiny images.

@@ -121,6 +121,9 @@ def load_autoencoder(path: str | os.PathLike, subfolder: str | None = None) -> A
                 f"{local}: no config.json here; pass a diffusers AutoencoderKL folder "
                 "(config.json + diffusion_pytorch_model.safetensors) or a pipeline folder with vae/"
             )
+    elif not looks_like_hub_id(str(path)):  # a mistyped local path fails now, not after the hub's retries
+        raise FileNotFoundError(f"{path}: no such codec folder or file (and not a Hugging Face Hub id "
+                                "like 'stabilityai/sd-vae-ft-mse')")
     # use_safetensors: a folder holding only a pickled .bin is refused rather than unpickled.
     try:
         if is_mlp_vae(local):
@@ -134,6 +137,14 @@ def load_autoencoder(path: str | os.PathLike, subfolder: str | None = None) -> A
         return AutoencoderKL.from_pretrained(str(path), subfolder=subfolder, use_safetensors=True)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise CodecLoadError(f"{path}: cannot load the codec ({type(exc).__name__}: {exc})") from exc
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """``org/name`` on the Hub, rather than a local path: one slash, no ./, ../, ~ or absolute path,
+    no .safetensors suffix, and no local folder of the ``org`` part (``runs/t1`` is local)."""
+    parts = name.split("/")
+    return (len(parts) == 2 and all(parts) and not name.startswith(("/", "~", "."))
+            and not name.endswith(".safetensors") and not Path(parts[0]).exists())
 
 
 def count_parameters(module) -> int:

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from conftest import smooth_image
 from diffusers import AutoencoderKL
@@ -21,12 +22,14 @@ def make_codec(tmp_path):
     return codec.save_pretrained(tmp_path / "codec")
 
 
-def test_encode_decode_round_trip_with_padding(tmp_path):
+def test_encode_decode_round_trip_with_padding(tmp_path, capsys):
     folder = make_codec(tmp_path)
     img = tmp_path / "photo.png"
     Image.fromarray(smooth_image(0, 30, 44)).save(img)  # not a multiple of 8
     lat, out = tmp_path / "photo.latents.safetensors", tmp_path / "recon.png"
     assert main(["encode", "--codec", str(folder), str(img), str(lat)]) == 2  # clear error without --pad
+    err = capsys.readouterr().err
+    assert "44x30 is not a multiple of 8 pixels; pass --pad" in err and "pad=True" not in err  # CLI words, WxH
     assert main(["encode", "--codec", str(folder), "--pad", str(img), str(lat)]) == 0
     with safe_open(lat, "pt") as f:
         assert f.get_tensor("latents").shape == (1, 4, 4, 6)
@@ -94,3 +97,30 @@ def test_eval_writes_metrics(tmp_path, image_folder):
     assert report["images"] == 12 and any("broken.jpg" in s for s in report["skipped"])
     assert list(report["codecs"]) == [str(folder), "jpeg", "webp"]
     assert (out / "per_image.csv").read_text().count("\n") == 1 + 12 * 3
+
+
+def test_a_mistyped_local_codec_path_fails_at_once_without_the_hub(tmp_path, capsys, monkeypatch):
+    import time
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("asked the Hub"))
+    img = tmp_path / "a.png"
+    Image.fromarray(smooth_image(0, 32, 32)).save(img)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for typo in ("runs/tiny/codc", "runs/codc", "./codc", str(tmp_path / "codc")):
+        start = time.monotonic()
+        assert main(["encode", "--codec", typo, str(img), "x.safetensors"]) == 2
+        assert f"{typo}: no such codec folder or file" in capsys.readouterr().err
+        assert time.monotonic() - start < 5
+
+
+def test_hub_ids_are_told_from_local_paths(tmp_path, monkeypatch):
+    from codec.models import looks_like_hub_id
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert looks_like_hub_id("stabilityai/sd-vae-ft-mse") and looks_like_hub_id("madebyollin/taesd")
+    assert not any(looks_like_hub_id(p) for p in ("runs/t1", "runs/t1/codec", "./a/b", "/a/b", "~/a", "a",
+                                                  "org/vae.safetensors"))

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from codec.cli.options import codec_args, tile_args
-from codec.codec import Codec
+from codec.codec import DOWNSAMPLE, Codec, ImageSizeError
 from codec.factors import normalisation_of
 from codec.images import load_image, pil_to_tensor, save_image
 from codec.latent_space import check as check_space
@@ -125,7 +125,11 @@ def cmd_encode(args) -> int:
     image = pil_to_tensor(load_image(args.image))[None]
     h, w = image.shape[-2:]
     gen = torch.Generator().manual_seed(args.seed) if args.sample else None
-    latents = codec.encode(image, sample=args.sample, generator=gen, pad=args.pad)
+    try:
+        latents = codec.encode(image, sample=args.sample, generator=gen, pad=args.pad)
+    except ImageSizeError as exc:  # said in the command's own words
+        raise ValueError(f"{args.image}: {w}x{h} is not a multiple of {DOWNSAMPLE} pixels; pass --pad (reflection "
+                         "padding; decode crops back to the original size) or crop/resize it first") from exc
     save_latents(args.output, latents, codec.latent_space, size=(h, w), source=args.image, codec=args.codec,
                  sampled=bool(args.sample))
     print(f"{args.image} ({w}x{h}) -> {args.output} latents {tuple(latents.shape)}")
