@@ -1,7 +1,7 @@
 """Loop overhead: images/s of our training loop against a plain hand-written PyTorch loop.
 
 Both train the same preset on the same 64 crops with the same loss (L1 + 1e-6 KL, no LPIPS, no
-GAN), optimiser and precision. Ours is the real ``train.loop.train`` (accelerate, data loader with
+GAN), optimiser and precision. Ours is the real ``train.autoencoder.loop.train`` (accelerate, data loader with
 workers, accumulation bookkeeping, EMA, logging); its start-up and final export are removed by
 differencing two runs of N1 and N2 steps. The plain loop runs over tensors already in memory.
 Runs alternate in one process; we report min and median over repeats.
@@ -71,10 +71,10 @@ def our_overrides(preset: str, data: Path, steps: int, batch: int, crop: int, lr
 
 def our_loop(preset: str, data: Path, steps: int, batch: int, crop: int, lr: float, ema: float,
              precision: str, out: Path, recipe: tuple[str, ...] = ()) -> float:
-    """Seconds for a whole ``train.loop.train`` run; ``recipe``: further ``key=value`` overrides
+    """Seconds for a whole ``train.autoencoder.loop.train`` run; ``recipe``: further ``key=value`` overrides
     (the loss above by default)."""
-    from train.config import load_config
-    from train.loop import train
+    from train.autoencoder.config import load_config
+    from train.autoencoder.loop import train
 
     cfg = load_config(TINY, our_overrides(preset, data, steps, batch, crop, lr, ema, precision, out, recipe))
     start = time.perf_counter()

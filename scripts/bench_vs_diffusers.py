@@ -7,7 +7,7 @@ batch 4, 128² crops, fp32, AdamW, gradient clipping at 1.0, on the same 64 crop
 * theirs: diffusers' ``examples/research_projects/autoencoderkl/train_autoencoderkl.py``, run
   unmodified in a subprocess (``--diffusers-script``). It updates the VAE on every other batch and
   the discriminator on the others, and runs LPIPS under ``no_grad``; per VAE update it reads 8 images.
-* ours: the real ``train.loop.train`` (accelerate, data loader, EMA 0.999, logging), 4 images per
+* ours: the real ``train.autoencoder.loop.train`` (accelerate, data loader, EMA 0.999, logging), 4 images per
   VAE update, every step also updating the discriminator.
 * plain: the same step as ours, hand-written over tensors in memory: the loop overhead's baseline.
 
@@ -105,17 +105,16 @@ def their_run(script: Path, work: Path, crops: Path, batches: int, batch: int, c
 # ------------------------------------------------------------------------- the plain loop
 def plain_loop(crops: torch.Tensor, first: int, last: int, batch: int, ema_decay: float) -> float:
     """Seconds for updates ``first``..``last`` of our step written out by hand (same losses,
-    optimisers, clipping and EMA as ``train.loop``, and freed memory kept as ``train.loop`` keeps it
+    optimisers, clipping and EMA as ``train.autoencoder.loop``, and freed memory kept as it keeps it
     on CPUs; no accelerate, loader or logging)."""
     from diffusers.training_utils import EMAModel
 
     from codec.evaluation.lpips_weights import load_lpips
     from codec.host_memory import keeping_freed_memory
     from codec.models import build_autoencoder
-    from train.config import LossConfig
-    from train.discriminator import PatchDiscriminator
-    from train.losses import GeneratorLoss, discriminator_loss
-    from train.recipes import frozen
+    from train.autoencoder.config import LossConfig
+    from train.autoencoder.discriminator import PatchDiscriminator
+    from train.autoencoder.losses import GeneratorLoss, discriminator_loss, frozen
 
     with keeping_freed_memory(True):
         torch.manual_seed(0)

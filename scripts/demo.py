@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     from codec import Codec
     from codec.cli import main as cli
     from codec.images import center_crop_multiple, load_image, make_grid_image, pil_to_tensor
-    from train.config import load_config
-    from train.loop import train
+    from train.autoencoder.config import load_config
+    from train.autoencoder.loop import train
 
     out = Path(args.out)
     if out.exists():

@@ -61,8 +61,8 @@ def write_images(folder: Path, count: int, size: int) -> Path:
 
 
 def training_seconds(args, data: Path, out: Path, steps: int) -> float:
-    from train.config import load_config
-    from train.loop import train
+    from train.autoencoder.config import load_config
+    from train.autoencoder.loop import train
 
     sets = [f"model.preset={args.preset}", f"data.train={data}", f"output_dir={out}", f"max_steps={steps}",
             f"batch_size={args.batch}", f"data.crop_size={args.size}", f"mixed_precision={args.precision}",
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"training runs on accelerate's device ({training_device}), not {args.device}: "
                      "pass --device cuda, and CUDA_VISIBLE_DEVICES=N for GPU N")
     if args.precision == "auto":
-        from train.run import resolve_mixed_precision
+        from train.common.session import resolve_mixed_precision
 
         args.precision = resolve_mixed_precision("auto") if device.type == "cuda" else "no"
     if device.type == "cpu":

@@ -59,3 +59,12 @@ def assert_user_error(capsys, code: int, pattern: str) -> None:
 
     err = capsys.readouterr().err
     assert code == 2 and re.search(pattern, err) and "Traceback" not in err, (code, err)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Tests that pin torch to one thread (for a fixed summation order) must not leave later
+    tests running with it: results compared across processes depend on the thread count."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)

@@ -1,7 +1,7 @@
 import pytest
 from conftest import REPO
 
-from train.config import TrainConfig, load_config, validate
+from train.autoencoder.config import TrainConfig, load_config, validate
 
 
 def test_defaults_yaml_and_overrides(tmp_path):
@@ -54,8 +54,9 @@ def test_shipped_distill_config_loads():
 
 
 # ------------------------------------------------------------------------- ranges of every key
-from train.ldm_config import LDMConfig, load_ldm_config, validate_ldm  # noqa: E402
-from train.ranges import LDM_RANGES, TRAIN_RANGES, numeric_keys, within  # noqa: E402
+from train.autoencoder.config import TRAIN_RANGES  # noqa: E402
+from train.common.ranges import numeric_keys, within  # noqa: E402
+from train.diffusion.config import LDM_RANGES, LDMConfig, load_ldm_config, validate_ldm  # noqa: E402
 
 TRAINERS = {"train": (TrainConfig, TRAIN_RANGES), "train.ldm": (LDMConfig, LDM_RANGES)}
 

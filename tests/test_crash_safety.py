@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from test_train import args
 
 from train.__main__ import main
-from train.checkpoints import COMPLETE, latest_checkpoint
+from train.common.checkpoints import COMPLETE, latest_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -29,8 +29,10 @@ def start(out, data, *extra):
     cmd = [sys.executable, "-m", "train",
            *args(out, data, "max_steps=100000", "data.num_workers=1", *QUIET, *extra)]
     # A session of its own, so a signal can go to the whole group like a terminal's Ctrl-C.
+    # The threads this process computes with: results differ in the last bit with another count.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, env=env)
 
 
 def wait_for(condition, proc, timeout=240.0, poll=0.002):
@@ -102,9 +104,9 @@ def test_sigkill_and_ctrl_c_resume_to_the_uninterrupted_result(tmp_path, image_f
 def test_a_checkpoint_that_fails_to_write_leaves_the_previous_one_and_says_so(
     tmp_path, image_folder, monkeypatch, capsys
 ):
-    import train.loop
+    import train.autoencoder.export as export
 
-    real_export, calls = train.loop.export_codec, []
+    real_export, calls = export.export_codec, []
 
     def export_failing_the_second_time(*a, **k):
         calls.append(1)
@@ -112,7 +114,7 @@ def test_a_checkpoint_that_fails_to_write_leaves_the_previous_one_and_says_so(
             raise ValueError("measure_factors needs at least one image")
         return real_export(*a, **k)
 
-    monkeypatch.setattr(train.loop, "export_codec", export_failing_the_second_time)
+    monkeypatch.setattr(export, "export_codec", export_failing_the_second_time)
     out = tmp_path / "run"
     assert main(args(out, image_folder, "max_steps=6")) == 1  # one line, no traceback
     err = capsys.readouterr().err
@@ -120,6 +122,6 @@ def test_a_checkpoint_that_fails_to_write_leaves_the_previous_one_and_says_so(
                      r"measure_factors.*step_00000003 is intact: fix the cause and rerun with resume=true", err)
     assert "Traceback" not in err
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000003"]  # no half checkpoint
-    monkeypatch.setattr(train.loop, "export_codec", real_export)
+    monkeypatch.setattr(export, "export_codec", real_export)
     assert main(args(out, image_folder, "max_steps=6", "resume=true")) == 0
     assert complete(out / "checkpoints", 6)()

@@ -4,7 +4,8 @@ from conftest import smooth_image
 from PIL import Image
 
 from codec.images import pil_to_tensor
-from train.data import CropDataset, EpochSampler, collate, gather_files
+from train.autoencoder.data import CropDataset, collate, gather_files
+from train.common.sampler import EpochSampler
 
 
 def test_crops_are_deterministic_per_epoch(image_folder):
@@ -96,7 +97,7 @@ def photos(tmp_path):
 
 
 def test_tar_shards_give_the_crops_of_the_same_images_in_a_folder(tmp_path, photos):
-    from train.data import gather_inputs
+    from train.autoencoder.data import gather_inputs
 
     folder = tmp_path / "folder"
     folder.mkdir()
@@ -115,7 +116,7 @@ def test_tar_shards_give_the_crops_of_the_same_images_in_a_folder(tmp_path, phot
 
 
 def test_a_corrupt_member_is_skipped_and_recorded_by_its_key(tmp_path, photos):
-    from train.data import gather_inputs
+    from train.autoencoder.data import gather_inputs
 
     write_shards(tmp_path / "shards", photos, per_shard=3, corrupt="001.png")
     ds = CropDataset(gather_inputs([tmp_path / "shards"]), crop_size=32)
@@ -127,7 +128,7 @@ def test_a_corrupt_member_is_skipped_and_recorded_by_its_key(tmp_path, photos):
 def test_bad_shard_sources_are_clear_errors(tmp_path, photos):
     import tarfile
 
-    from train.data import gather_inputs
+    from train.autoencoder.data import gather_inputs
 
     shards = write_shards(tmp_path / "shards", photos, per_shard=3)
     with pytest.raises(FileNotFoundError, match=r"train-000002.tar does not exist \(and 1 more"):
@@ -185,7 +186,7 @@ def hf_dataset(photos, corrupt: str | None = None):
 
 
 def test_a_saved_hugging_face_dataset_gives_the_crops_of_the_same_images(tmp_path, photos):
-    from train.data import gather_images
+    from train.autoencoder.data import gather_images
 
     folder = tmp_path / "folder"
     folder.mkdir()
@@ -205,7 +206,7 @@ def test_a_saved_hugging_face_dataset_gives_the_crops_of_the_same_images(tmp_pat
 def test_hugging_face_bad_rows_splits_and_columns(tmp_path, photos):
     import datasets
 
-    from train.data import gather_images
+    from train.autoencoder.data import gather_images
 
     hf_dataset(photos, corrupt="002.png").save_to_disk(str(tmp_path / "hf"))
     ds = CropDataset(gather_images([tmp_path / "hf"]), crop_size=32)

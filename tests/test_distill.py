@@ -73,8 +73,8 @@ def test_student_exports_a_diffusers_autoencoder_tiny_that_decodes_teacher_laten
 
 
 def test_targets_are_the_teachers_codec_latents_and_decoding(teacher):
-    from train.config import load_config
-    from train.distill import DistillRecipe
+    from train.autoencoder.config import load_config
+    from train.autoencoder.recipes.student import DistillRecipe
 
     cfg = load_config(overrides=[f"distill.teacher={teacher}", "model.kind=autoencoder-tiny"])
     recipe = DistillRecipe(cfg)
@@ -147,9 +147,9 @@ def test_config_errors_name_the_setting(tmp_path, image_folder, teacher, capsys,
 def test_student_gan_gradient_equals_the_double_backward_reference():
     """The one-pass adaptive GAN weight (train.losses.adversarial_loss) on an AutoencoderTiny,
     whose output is 2 · (last conv) − 1, against the reference's autograd.grad to the last layer."""
-    from train.discriminator import PatchDiscriminator
-    from train.distill import DistillRecipe
-    from train.losses import adversarial_loss
+    from train.autoencoder.discriminator import PatchDiscriminator
+    from train.autoencoder.losses import adversarial_loss
+    from train.autoencoder.recipes.student import DistillRecipe
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -104,8 +104,8 @@ def test_equivariance_term_trains_and_is_logged(tmp_path, image_folder):
 
 
 def test_reconstruction_term_by_hand():
-    from train.config import LossConfig
-    from train.losses import GeneratorLoss
+    from train.autoencoder.config import LossConfig
+    from train.autoencoder.losses import GeneratorLoss
 
     loss = GeneratorLoss(LossConfig(perceptual_weight=0.0), None)
     x, y = torch.zeros(2, 3, 4, 4), torch.full((2, 3, 4, 4), 0.25)

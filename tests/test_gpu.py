@@ -57,8 +57,8 @@ def test_mixed_precision_gan_clipping_ema_kill_and_resume(tmp_path, images, prec
 
 
 def test_training_inputs_are_channels_last_on_gpu():
-    from train.config import load_config
-    from train.recipes import KLF8Recipe
+    from train.autoencoder.config import load_config
+    from train.autoencoder.recipes.klf8 import KLF8Recipe
 
     x = KLF8Recipe(load_config(None, [])).inputs({"pixels": torch.rand(2, 3, 16, 16)}, torch.device("cuda"))
     assert x.is_cuda and x.is_contiguous(memory_format=torch.channels_last)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from train.config import TrainConfig
-from train.run import keeping_freed_memory
+from train.autoencoder.config import TrainConfig
+from train.common.session import keeping_freed_memory
 
 REPO = Path(__file__).resolve().parents[1]
 needs_glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
@@ -55,7 +55,7 @@ def test_kept_memory_is_reused_without_page_faults_then_given_back():
 
 
 def test_only_cpu_runs_that_ask_keep_memory(monkeypatch):
-    import train.run as run
+    import train.common.session as run
 
     calls = []
     monkeypatch.setattr(run, "_keeping", lambda enabled: calls.append(enabled))

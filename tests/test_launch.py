@@ -44,7 +44,7 @@ def test_two_processes_record_the_skips_of_every_rank(tmp_path, image_folder):
     import json
 
     from codec.sources import list_source
-    from train.data import EpochSampler
+    from train.common.sampler import EpochSampler
 
     for i in range(6):  # between the good ones in key order: each replaced by a good neighbour
         (image_folder / f"img{2 * i + 1:02d}z.png").write_bytes(b"not a png")
@@ -60,7 +60,7 @@ def test_two_processes_record_the_skips_of_every_rank(tmp_path, image_folder):
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # What each rank met: its sampler's items, each bad one replaced by the next (train.data.CropDataset).
+    # What each rank met: its sampler's items, each bad one replaced by the next (train.autoencoder.data.CropDataset).
     inputs = list_source(image_folder)
     bad = {i for i, item in enumerate(inputs) if item.key.endswith("z.png")}
     seen = []

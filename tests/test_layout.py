@@ -115,3 +115,54 @@ def test_export_and_scale_measure_alike_and_keep_the_normalisation(tmp_path, two
     assert any(i < 8 for i in picked) and any(i >= 8 for i in picked)
     stats = json.loads((tmp_path / "exported" / "vae_codec.json").read_text())["latent_stats"]
     assert stats["num_images"] == 6 and stats["seed"] == 0
+
+
+def _train_module_imports() -> dict[str, set[str]]:
+    """train.* module -> the train.* modules it imports anywhere (late imports in functions too)."""
+    modules = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in (REPO / "train").rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            found.update(t for t in targets if t in modules and t != name)
+        graph[name] = found
+    return graph
+
+
+def test_train_has_no_import_cycle_and_its_layers_point_down():
+    graph = _train_module_imports()
+    state: dict[str, str] = {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                raise AssertionError(f"import cycle: {' -> '.join(path[path.index(nxt):] + [nxt])}")
+            if nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    # train.common serves both trainers and imports neither; the trainers do not import each other.
+    for module, imports in graph.items():
+        if module.startswith("train.common"):
+            assert not {m for m in imports if m.startswith(("train.autoencoder", "train.diffusion"))}, module
+        if module.startswith("train.diffusion"):
+            assert not {m for m in imports if m.startswith("train.autoencoder")}, module
+        if module.startswith("train.autoencoder"):
+            assert not {m for m in imports if m.startswith("train.diffusion")}, module
+
+
+def test_the_trainers_entry_points_and_public_names_keep_working():
+    for module in ("train.distill",):
+        out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO)
+        assert out.returncode == 0 and "usage" in out.stdout.lower(), (module, out.stderr[-400:])
+    from train.ldm import LatentStream, main, sample_latents, train_ldm  # noqa: F401  (README's names)

@@ -5,9 +5,9 @@ import torch
 
 from codec.evaluation.lpips_weights import load_lpips
 from codec.models import build_autoencoder
-from train import losses
-from train.config import LossConfig
-from train.discriminator import PatchDiscriminator
+from train.autoencoder import losses
+from train.autoencoder.config import LossConfig
+from train.autoencoder.discriminator import PatchDiscriminator
 
 
 def forward(vae, x):
@@ -111,7 +111,7 @@ def reference_gan_loss(cfg, lpips, logvar, x, recon, post, disc, last):
 def test_gan_gradient_equals_the_double_backward_reference(vgg, learn_logvar):
     """Every VAE gradient (and logvar's), d_weight and the loss value match the reference, on the
     tiny preset with VGG-LPIPS, KL and the discriminator on from step 0, fp32."""
-    from train.recipes import frozen
+    from train.autoencoder.losses import frozen
 
     torch.set_num_threads(1)  # the same summation order in both passes
     cfg = LossConfig(perceptual_weight=1.0, perceptual_net="vgg", kl_weight=1e-3, logvar_init=0.3,

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from codec.sources import is_stream
 from codec.sources.stream import ImageStream, StreamPlan
-from train.data import Cropper, TooSmall, collate
+from train.autoencoder.data import Cropper, TooSmall, collate
 
 
 def pipe_pattern(shards) -> str:

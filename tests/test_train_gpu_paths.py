@@ -10,8 +10,8 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from diffusers.training_utils import EMAModel
 
-from train import checkpoints as ckpt
-from train.run import place_on, resolve_mixed_precision
+from train.common import checkpoints as ckpt
+from train.common.session import place_on, resolve_mixed_precision
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def gan_pair(acc):
 def test_fp16_clipping_unscales_each_optimiser_once(fp16_accelerator, max_norm):
     """Generator and discriminator each get their true gradient, clipped to max_norm (the
     discriminator's used to be divided by the loss scale a second time: 1/1024 here)."""
-    from train.loop import step_optimisers
+    from train.common.steps import step_optimisers
 
     acc = fp16_accelerator
     gen, disc, opt_g, opt_d = gan_pair(acc)
@@ -56,12 +56,12 @@ def test_fp16_clipping_unscales_each_optimiser_once(fp16_accelerator, max_norm):
 
 
 def one_step_run(acc, gen, disc, opt_g, opt_d, tmp_path):
-    """What ``train.loop.optimiser_step`` reads of a run, with an EMA of the generator."""
+    """What ``train.autoencoder.loop.optimiser_step`` reads of a run, with an EMA of the generator."""
     from types import SimpleNamespace
 
-    from train.config import TrainConfig
-    from train.guards import NonFiniteGuard
-    from train.run import TrainState
+    from train.autoencoder.config import TrainConfig
+    from train.common.guards import NonFiniteGuard
+    from train.common.session import TrainState
 
     return SimpleNamespace(cfg=TrainConfig(), accelerator=acc, guard=NonFiniteGuard(5), ckpt_dir=tmp_path,
                            state=TrainState(), opt_g=opt_g, trainable=list(gen.parameters()), base_lr=1.0,
@@ -73,7 +73,7 @@ def test_fp16_generator_overflow_skips_it_and_its_ema_and_leaves_the_discriminat
     """The generator's scaled gradients overflow, the discriminator's do not: the generator and its
     EMA are not stepped, the discriminator gets its true gradient (it used to be unscaled with the
     scale that had just backed off: 2x), and the scale backs off once."""
-    from train.loop import optimiser_step
+    from train.autoencoder.loop import optimiser_step
 
     acc = fp16_accelerator
     gen, disc, opt_g, opt_d = gan_pair(acc)
@@ -96,7 +96,7 @@ def test_fp16_generator_overflow_skips_it_and_its_ema_and_leaves_the_discriminat
 def test_fp16_scale_grows_after_growth_interval_steps_not_half_as_many(fp16_accelerator):
     """One scaler update per step, whatever the number of optimisers (accelerate's optimiser.step()
     updates after each: the scale grew every growth_interval / 2 steps with a discriminator)."""
-    from train.loop import step_optimisers
+    from train.common.steps import step_optimisers
 
     acc = fp16_accelerator
     acc.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
@@ -119,11 +119,11 @@ def test_fp16_overflow_with_eq_vae_is_logged_finite(fp16_accelerator):
     from types import SimpleNamespace
 
     from codec.models import build_autoencoder
-    from train.config import TrainConfig
-    from train.discriminator import PatchDiscriminator
-    from train.losses import GeneratorLoss
-    from train.recipes import Autoencoder, KLF8Recipe
-    from train.run import TrainState
+    from train.autoencoder.config import TrainConfig
+    from train.autoencoder.discriminator import PatchDiscriminator
+    from train.autoencoder.losses import GeneratorLoss
+    from train.autoencoder.recipes.klf8 import Autoencoder, KLF8Recipe
+    from train.common.session import TrainState
 
     acc = fp16_accelerator
     acc.scaler = torch.amp.GradScaler("cpu", init_scale=1e36)
@@ -178,8 +178,8 @@ def test_auto_precision_picks_fp16_on_gpus_that_only_emulate_bf16(monkeypatch):
 def test_the_discriminator_optimiser_uses_the_configured_weight_decay(tmp_path):
     from PIL import Image
 
-    from train.config import load_config
-    from train.loop import build_run
+    from train.autoencoder.config import load_config
+    from train.autoencoder.state import build_run
 
     for i in range(2):
         Image.new("RGB", (32, 32), (40 * i, 80, 120)).save(tmp_path / f"{i}.png")

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from test_train import args
 
 from train.__main__ import main
-from train.losses import GeneratorLoss
+from train.autoencoder.losses import GeneratorLoss
 
 
 def losses(run):

@@ -25,8 +25,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from train.__main__ import main as train_main
-from train.config import load_config
-from train.loop import learning_rate
+from train.autoencoder.config import load_config
+from train.autoencoder.loop import learning_rate
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 # softmax(q . (k + b)) does not depend on the attention's key bias b: its gradient is exactly 0
@@ -245,7 +245,7 @@ def params_with_grads() -> list[torch.nn.Parameter]:
 
 
 def test_clip_caps_the_norm_and_returns_the_norm_before():
-    from train.loop import clip_gradients
+    from train.common.steps import clip_gradients
 
     params = params_with_grads()
     assert clip_gradients(params, 1.0) == pytest.approx(13.0, rel=1e-6)

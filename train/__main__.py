@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from codec.launch import relaunch_if_needed
-from train.config import config_parser, load_config, validate
+from train.autoencoder.config import config_parser, load_config, validate
 
 
 def main(argv: list[str] | None = None, module: str = "train",
@@ -23,8 +23,8 @@ def main(argv: list[str] | None = None, module: str = "train",
         validate(cfg)
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
-    from train.command import run_command
-    from train.loop import train  # imported late: `--help` and config errors stay instant
+    from train.autoencoder.loop import train  # imported late: `--help` and config errors stay instant
+    from train.common.command import run_command
 
     return run_command(module, lambda: train(cfg))
 

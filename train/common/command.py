@@ -16,9 +16,9 @@ import sys
 
 def run_command(module: str, work) -> int:
     """``work()`` -> the command's exit code (see the module docstring)."""
-    from train.checkpoints import CheckpointError
-    from train.guards import NonFiniteLossError
-    from train.steps import TrainingInterrupted
+    from train.common.checkpoints import CheckpointError
+    from train.common.guards import NonFiniteLossError
+    from train.common.steps import TrainingInterrupted
 
     try:
         work()

@@ -1,10 +1,6 @@
-"""What the model kind decides, chosen once per run (``recipe_for(cfg)``) so the loop has no
-``if mlp`` branches: the network, its data, its loss, and what a logged reconstruction shows.
-
-* :class:`KLF8Recipe`: the convolutional kl-f8 ``AutoencoderKL`` on random crops, trained with
-  reconstruction + LPIPS + KL (+ PatchGAN, whose step the loop adds when enabled);
-* :class:`train.mlp_recipe.MLPRecipe`: the vanilla VAE baseline and its ELBO;
-* :class:`train.distill.DistillRecipe`: an ``AutoencoderTiny`` student of a teacher codec.
+"""The kl-f8 recipe: the convolutional ``AutoencoderKL`` on random crops, trained with
+reconstruction + LPIPS + KL (+ PatchGAN, whose step the loop adds when enabled), and optionally
+the EQ-VAE term. The other recipes (:mod:`train.autoencoder.recipes`) start from this one.
 """
 
 from __future__ import annotations
@@ -20,8 +16,9 @@ from codec.factors import factors_from_stats
 from codec.models import build_autoencoder, load_autoencoder
 from codec.sources import is_stream
 from codec.sources.stream import ImageStream, cache_path
-from train.config import TrainConfig
-from train.data import CropDataset, Cropper, TooSmall, collate, gather_images
+from train.autoencoder.config import TrainConfig
+from train.autoencoder.data import CropDataset, Cropper, TooSmall, collate, gather_images
+from train.autoencoder.losses import frozen, loss_scale
 
 
 class Autoencoder(nn.Module):
@@ -117,40 +114,7 @@ class KLF8Recipe:
 
 def measured_scale(codec, measure) -> dict:
     """Set an exported codec's scaling_factor from its training latents (``measure()``, see
-    ``train.loop.measure_training_latents``); returns the statistics kept in its metadata."""
+    ``train.autoencoder.export.measure_training_latents``); returns the statistics kept in its metadata."""
     stats = measure()
     codec.set_factors(**factors_from_stats(stats, "scale"))
     return stats
-
-
-def loss_scale(accelerator) -> torch.Tensor | None:
-    """fp16's current loss scale as a tensor (read without a device sync), or None without a scaler."""
-    scaler = accelerator.scaler
-    return scaler.scale(torch.ones((), device=accelerator.device)) if scaler is not None else None
-
-
-def recipe_for(cfg: TrainConfig):
-    if cfg.model.kind == "mlp-vae":
-        from train.mlp_recipe import MLPRecipe
-
-        return MLPRecipe(cfg)
-    if cfg.model.kind == "autoencoder-tiny":
-        from train.distill import DistillRecipe
-
-        return DistillRecipe(cfg)
-    return KLF8Recipe(cfg)
-
-
-class frozen:
-    """Temporarily set ``requires_grad=False`` on a module's parameters (None is a no-op)."""
-
-    def __init__(self, module: nn.Module | None):
-        self.module = module
-
-    def __enter__(self):
-        if self.module is not None:
-            self.module.requires_grad_(False)
-
-    def __exit__(self, *exc):
-        if self.module is not None:
-            self.module.requires_grad_(True)

@@ -1,5 +1,5 @@
 """Training data: random square crops and flips of the images of ``data.train``, with bad-file
-handling, and the epoch sampler.
+handling (the order of items: :class:`train.common.sampler.EpochSampler`).
 
 Sources are read by :mod:`codec.sources`, the layer ``vae-codec compress``, ``scale`` and
 ``eval`` use too: folders, file lists, tar shards (indexed by byte range once, then read at
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from codec.images import IMAGE_EXTENSIONS, ImageLoadError, center_crop_multiple, list_images, load_image, pil_to_tensor
 from codec.sources import Input, gather_inputs, read_input, skip
@@ -151,42 +151,6 @@ def collate(items: list[dict]) -> dict:
         "paths": [it["path"] for it in items],
         "skipped": [s for it in items for s in it["skipped"]],
     }
-
-
-class EpochSampler(Sampler):
-    """This process's share of the training stream, as ``(index, epoch)`` keys.
-
-    The permutation of an epoch depends only on ``(seed, epoch)``, so every process builds the
-    same one and takes every ``world``-th item from ``rank``; each epoch keeps a whole number of
-    batches per process (the rest is dropped) so all processes do the same number of steps.
-    ``set_position(epoch, start, count)`` yields ``count`` items from item ``start`` of
-    ``epoch`` on, running into later epochs: one DataLoader (and one set of workers) serves a
-    whole run, and a resumed run continues exactly where the interrupted one stopped.
-    """
-
-    def __init__(self, length: int, seed: int = 0, rank: int = 0, world: int = 1, batch_size: int = 1):
-        self.length, self.seed, self.rank, self.world = length, seed, rank, world
-        self.per_epoch = (length // world) // batch_size * batch_size
-        self.epoch, self.start, self.count = 0, 0, None
-
-    def set_position(self, epoch: int, start: int = 0, count: int | None = None) -> None:
-        self.epoch, self.start, self.count = epoch, start, count
-
-    def epoch_items(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        order = torch.randperm(self.length, generator=g).tolist()
-        return order[: self.length // self.world * self.world][self.rank :: self.world][: self.per_epoch]
-
-    def __len__(self) -> int:
-        return self.count if self.count is not None else self.per_epoch - self.start
-
-    def __iter__(self):
-        epoch, start, left = self.epoch, self.start, len(self)
-        while left > 0 and self.per_epoch > 0:
-            items = self.epoch_items(epoch)[start : start + left]
-            yield from ((i, epoch) for i in items)
-            left -= len(items)
-            epoch, start = epoch + 1, 0
 
 
 def load_validation_images(files: list[Path], count: int, crop: int) -> tuple[torch.Tensor | list, list[str]]:

@@ -15,8 +15,8 @@ from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
 
 from codec.host_memory import keeping_freed_memory as _keeping
-from train import checkpoints as ckpt
-from train.config import save_config, to_dict
+from train.common import checkpoints as ckpt
+from train.common.config import save_config, to_dict
 
 
 class TrainState:

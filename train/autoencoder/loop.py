@@ -10,7 +10,7 @@ readable top to bottom: :func:`train` builds a :class:`Run`, then each optimiser
 ``accumulate(vae, disc)`` wraps both phases (house rule 7). Checkpoints are accelerate
 ``save_state`` folders (plus an exportable ``codec/``), written atomically; ``resume=true``
 continues from the exact step with the same data and RNG state. What differs for the MLP VAE is
-its recipe (:mod:`train.recipes`); what ``train.ldm`` shares is :mod:`train.run`.
+its recipe (:mod:`train.autoencoder.recipes`); what ``train.ldm`` shares is :mod:`train.common`.
 """
 
 from __future__ import annotations
@@ -19,43 +19,27 @@ import json
 import math
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from diffusers.training_utils import EMAModel
-from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
-from codec.codec import Codec
-from codec.evaluation.metrics import LPIPSMetric, evaluate_pairs, summarize
 from codec.images import make_grid_image
-from codec.latents.scale import measure_dataset
 from codec.models import count_parameters
-from train import checkpoints as ckpt
-from train import run as runs
-from train.config import TrainConfig, save_config, to_dict, validate
-from train.data import EpochSampler, gather_files, load_validation_images
-from train.discriminator import PatchDiscriminator
-from train.guards import NonFiniteGuard, StopSignals
-from train.losses import GeneratorLoss, disc_factor, discriminator_loss
-from train.recipes import Autoencoder, recipe_for
-from train.run import TrainState, resolve_mixed_precision
-from train.steps import TrainingInterrupted, agree, clip_gradients, set_lr, step_optimisers  # noqa: F401
+from train.autoencoder.config import TrainConfig, validate
+from train.autoencoder.export import gather_skipped, save_checkpoint
+from train.autoencoder.losses import disc_factor, discriminator_loss
+from train.autoencoder.state import Run, build_run
+from train.autoencoder.validation import Validation, _log_image
+from train.common import checkpoints as ckpt
+from train.common import session as runs
+from train.common.guards import StopSignals
+from train.common.sampler import EpochSampler
+from train.common.session import TrainState
+from train.common.steps import TrainingInterrupted, agree, step_optimisers
 
-__all__ = ["Autoencoder", "TrainState", "TrainingInterrupted", "build_vae", "learning_rate",
-           "resolve_mixed_precision", "train"]
-
-# Crops for measuring the scaling factor use an "epoch" training never reaches, so they are
-# fixed for the whole run and independent of the training order.
-SCALE_EPOCH = 10**9
 TRAIN_LOG = "train_log.jsonl"  # one JSON line per logged step: loss terms, lr, grad norm
-
-
-def build_vae(cfg: TrainConfig):
-    return recipe_for(cfg).build_vae()
 
 
 def learning_rate(cfg: TrainConfig, step: int, base: float) -> float:
@@ -81,91 +65,6 @@ def train(cfg: TrainConfig) -> Path:
         runs.reset_accelerate()
 
 
-# ------------------------------------------------------------------------- the run's parts
-@dataclass
-class Run:
-    """Everything the step functions share, built once by :func:`build_run`."""
-
-    cfg: TrainConfig
-    accelerator: Accelerator
-    recipe: object
-    model: nn.Module  # prepared (DDP where several processes)
-    raw_vae: nn.Module  # the plain model: EMA, export and the last layer
-    gen_loss: GeneratorLoss
-    opt_g: torch.optim.Optimizer
-    trainable: list
-    base_lr: float
-    disc: nn.Module | None = None
-    raw_disc: nn.Module | None = None
-    opt_d: torch.optim.Optimizer | None = None
-    base_disc_lr: float = 0.0
-    last_layer: torch.Tensor | None = None
-    ema: EMAModel | None = None
-    state: TrainState = field(default_factory=TrainState)
-    guard: NonFiniteGuard | None = None
-    out: Path = Path(".")
-
-    @property
-    def ckpt_dir(self) -> Path:
-        return self.out / "checkpoints"
-
-    @property
-    def is_main(self) -> bool:
-        return self.accelerator.is_main_process
-
-    def own_state(self) -> dict:
-        """Our objects saved in checkpoints beside accelerate's (never pickled)."""
-        return {"train": self.state, "nonfinite": self.guard, "logvar": self.gen_loss.logvar_state,
-                **({"ema": self.ema} if self.ema is not None else {})}
-
-
-def build_run(cfg: TrainConfig, accelerator: Accelerator, resume_from: Path | None) -> tuple[Run, Dataset, object]:
-    """Model, losses, optimisers and data, prepared by accelerate; returns (run, dataset, collate)."""
-    recipe = recipe_for(cfg)
-    vae = recipe.build_vae()
-    if resume_from:
-        ckpt.check_compatible(resume_from, vae.config)
-    if cfg.model.gradient_checkpointing:
-        vae.enable_gradient_checkpointing()
-    if cfg.model.train_decoder_only:
-        vae.encoder.requires_grad_(False)
-        vae.quant_conv.requires_grad_(False)
-    model = recipe.wrap(vae)
-    gen_loss = GeneratorLoss(cfg.loss, recipe.perceptual_net())
-    disc = (PatchDiscriminator(channels=cfg.loss.disc_channels, layers=cfg.loss.disc_layers)
-            if cfg.loss.disc_weight > 0 else None)
-
-    scale = accelerator.num_processes * cfg.batch_size * cfg.grad_accum if cfg.optim.scale_lr else 1
-    base_lr, base_disc_lr = cfg.optim.lr * scale, (cfg.optim.disc_lr or cfg.optim.lr) * scale
-    trainable = [p for p in vae.parameters() if p.requires_grad]
-    opt_g = torch.optim.AdamW(trainable + ([gen_loss.logvar] if cfg.loss.learn_logvar else []),
-                              lr=base_lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
-    # weight_decay given explicitly: AdamW's own default (0.01) is not the recipe's.
-    opt_d = (torch.optim.AdamW(disc.parameters(), lr=base_disc_lr, betas=tuple(cfg.optim.betas),
-                               weight_decay=cfg.optim.weight_decay) if disc is not None else None)
-    dataset, collate_fn = recipe.dataset()
-
-    if disc is not None:
-        model, disc, opt_g, opt_d = accelerator.prepare(model, disc, opt_g, opt_d)
-    else:
-        model, opt_g = accelerator.prepare(model, opt_g)
-    gen_loss.to(accelerator.device)
-    raw_vae = accelerator.unwrap_model(model).vae
-    ema = EMAModel(raw_vae.parameters(), decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
-    if ema is not None:
-        ema.to(accelerator.device)
-    runs.seed_per_process(accelerator, cfg.seed, cfg.deterministic)
-    run = Run(
-        cfg=cfg, accelerator=accelerator, recipe=recipe, model=model, raw_vae=raw_vae, gen_loss=gen_loss,
-        opt_g=opt_g, trainable=trainable, base_lr=base_lr, disc=disc,
-        raw_disc=accelerator.unwrap_model(disc) if disc is not None else None, opt_d=opt_d,
-        base_disc_lr=base_disc_lr, last_layer=recipe.last_layer(raw_vae) if disc is not None else None,
-        ema=ema, guard=NonFiniteGuard(cfg.max_nonfinite_steps), out=Path(cfg.output_dir),
-    )
-    return run, dataset, collate_fn
-
-
-# ------------------------------------------------------------------------- one optimiser step
 def generator_step(run: Run, x: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict, bool]:
     """The recipe's loss and its backward; returns (reconstruction, logs, non-finite?)."""
     with run.accelerator.autocast():
@@ -237,78 +136,6 @@ def show_reconstructions(run: Run, x: torch.Tensor, recon: torch.Tensor) -> None
     _log_image(run.accelerator, "train/reconstruction", grid, run.state.step)
 
 
-# ------------------------------------------------------------------------- export and validation
-def eval_codec(run: Run) -> Codec:
-    """A detached fp32 copy of the current weights (EMA where on) wrapped as a Codec."""
-    # The copy's random initialisation must not advance the training RNG: a run that exports
-    # at step N would otherwise diverge from one resumed at step N.
-    with torch.random.fork_rng(devices=[]):
-        copy = type(run.raw_vae).from_config(run.raw_vae.config)
-    with runs.ema_weights(run.ema, run.raw_vae.parameters()):
-        copy.load_state_dict({k: v.detach().float().cpu() for k, v in run.raw_vae.state_dict().items()})
-    return Codec(copy, device=run.accelerator.device, batch_size=run.cfg.batch_size)
-
-
-def export_codec(run: Run, dataset: Dataset, folder: Path) -> None:
-    codec = eval_codec(run)
-    stats = run.recipe.export_factors(codec, lambda: measure_training_latents(run, codec, dataset))
-    codec.save_pretrained(folder, meta={"step": run.state.step, "ema": run.ema is not None,
-                                        "latent_stats": stats, "train_config": to_dict(run.cfg)})
-
-
-def measure_training_latents(run: Run, codec: Codec, dataset: Dataset) -> dict:
-    """Latent statistics as `vae-codec scale` measures them: a seeded sample of the whole set."""
-    images = (Listed(dataset.head(run.cfg.scale_samples)) if isinstance(dataset, IterableDataset)
-              else ScaleCrops(dataset))
-    stats = measure_dataset(codec, images, run.cfg.scale_samples, seed=run.cfg.seed)
-    stats.pop("skipped")  # training crops never fail (bad files are replaced and recorded)
-    return stats
-
-
-def save_checkpoint(run: Run, dataset: Dataset) -> Path:
-    gather_skipped(run)  # every rank's records into the checkpoint (each rank saves its state)
-
-    def write_extras(folder: Path) -> None:
-        save_config(run.cfg, folder / "config.yaml")
-        (folder / "vae_config.json").write_text(json.dumps(ckpt.architecture(run.raw_vae.config), indent=2))
-        export_codec(run, dataset, folder / "codec")
-
-    return ckpt.save_checkpoint(run.accelerator, run.ckpt_dir, run.state.step, run.own_state(),
-                                run.cfg.keep_checkpoints, write_extras)
-
-
-class Validation:
-    """Reconstruction metrics and a picture of fixed validation images (main process only)."""
-
-    def __init__(self, run: Run):
-        cfg = run.cfg
-        self.run = run
-        self.images, used = (load_validation_images(gather_files(cfg.data.val), cfg.data.val_images,
-                                                    cfg.data.val_crop)
-                             if cfg.data.val and run.is_main else ([], []))
-        for entry in used:
-            if entry.startswith("skipped: "):  # unusable validation file: say so, never drop it silently
-                print(f"validation {entry}")
-        self.lpips = LPIPSMetric("alex", run.accelerator.device) if len(self.images) else None
-
-    def __bool__(self) -> bool:
-        return bool(len(self.images))
-
-    def __call__(self) -> dict:
-        run = self.run
-        codec = eval_codec(run)
-        batches = [self.images] if isinstance(self.images, torch.Tensor) else list(self.images)
-        pairs = [(b, codec.reconstruct(b)) for b in batches]
-        per_image = evaluate_pairs(pairs, self.lpips)
-        stats = {f"val/{k}": summarize(v)["mean"] for k, v in per_image.items()}
-        run.accelerator.log(stats, step=run.state.step)
-        x, y = pairs[0]
-        grid = make_grid_image([x[:8], y[:8]], run.out / "samples" / f"val_{run.state.step:08d}.png")
-        _log_image(run.accelerator, "val/reconstruction", grid, run.state.step)
-        return stats
-
-
-# ------------------------------------------------------------------------- the run
 def _train(cfg: TrainConfig) -> Path:
     validate(cfg)
     accelerator, resume_from = runs.start(cfg, cfg.grad_accum, cfg.deterministic)
@@ -430,36 +257,6 @@ def finish(run: Run, dataset: Dataset, validation: Validation) -> Path:
     return codec_dir
 
 
-# ------------------------------------------------------------------------- small helpers
-class ScaleCrops(Dataset):
-    """The training set as :func:`codec.latents.scale.measure_dataset` reads it: item ``i``'s crop
-    of an epoch training never reaches (fixed for the run, independent of the training order);
-    greyscale items (MNIST for the MLP VAE) as the RGB images Codec takes."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> dict:
-        image = self.dataset[(i, SCALE_EPOCH)]["pixels"]
-        return {"image": image.expand(3, -1, -1) if image.shape[0] == 1 else image, "error": None}
-
-
-class Listed(Dataset):
-    """Crops already read (a stream's head) as :func:`measure_dataset` reads them."""
-
-    def __init__(self, images: list[torch.Tensor]):
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"image": self.images[i], "error": None}
-
-
 def _ignore_stop_signals(worker_id: int) -> None:
     """Ctrl-C reaches every process of the terminal's group: the loader's workers leave the
     signal to the main process, which finishes the step and saves, instead of dying under it."""
@@ -474,17 +271,6 @@ def _truncate_log(path: Path, step: int) -> None:
         path.write_text("".join(kept))
 
 
-def gather_skipped(run: Run) -> None:
-    """Merge the skip records of every process (each sees only its own batches); a collective:
-    every rank calls it at the same point."""
-    if run.accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        for records in gather_object([run.state.skipped]):
-            for key, reason in records.items():
-                run.state.skipped.setdefault(key, reason)
-
-
 def _record_skipped(state: TrainState, skipped: list[dict], is_main: bool) -> None:
     """Keep each skip record (:func:`codec.sources.skip`) under its input's full name."""
     for record in skipped:
@@ -492,11 +278,3 @@ def _record_skipped(state: TrainState, skipped: list[dict], is_main: bool) -> No
             state.skipped[record["key"]] = record["reason"]
             if is_main:
                 tqdm.write(f"skipped unusable input ({len(state.skipped)} so far): {record['reason']}")
-
-
-def _log_image(accelerator: Accelerator, tag: str, path: Path, step: int) -> None:
-    import numpy as np
-    from PIL import Image
-
-    tracker = accelerator.get_tracker("tensorboard", unwrap=True)
-    tracker.add_image(tag, np.asarray(Image.open(path)), step, dataformats="HWC")

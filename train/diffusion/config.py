@@ -1,6 +1,6 @@
 """Configuration of ``python -m train.ldm``: a latent diffusion model on compressed latents.
 
-Same machinery as :mod:`train.config` (defaults here, YAML and ``--set a.b=c`` override,
+Same machinery as the autoencoder's (:mod:`train.common.config`) (defaults here, YAML and ``--set a.b=c`` override,
 unknown keys and wrong types are errors).
 """
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from train.config import load_config
-from train.ranges import LDM_RANGES, check_ranges
+from train.common.config import load_config
+from train.common.ranges import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SHARE, check_ranges
 
 
 @dataclass
@@ -61,6 +61,21 @@ class LDMConfig:
     class_conditional: str = "auto"
     class_dropout: float = 0.1  # share of labels replaced by the null class (classifier-free guidance)
     guidance_scale: float = 3.0  # at sampling: uncond + scale * (cond - uncond); 1 = no guidance
+
+
+# The valid range of every numeric key (train.common.ranges).
+LDM_RANGES = {
+    "model.block_out_channels": AT_LEAST_ONE, "model.layers_per_block": AT_LEAST_ONE,
+    "model.attention_levels": NON_NEGATIVE, "model.norm_num_groups": AT_LEAST_ONE,
+    "data.num_workers": NON_NEGATIVE,
+    "seed": NON_NEGATIVE, "batch_size": AT_LEAST_ONE, "max_steps": AT_LEAST_ONE, "lr": POSITIVE,
+    "warmup_steps": NON_NEGATIVE, "weight_decay": NON_NEGATIVE, "max_grad_norm": NON_NEGATIVE,
+    "ema_decay": SHARE, "num_train_timesteps": AT_LEAST_ONE, "sample_steps": AT_LEAST_ONE,
+    "num_samples": AT_LEAST_ONE, "sample_every": NON_NEGATIVE, "checkpoint_every": AT_LEAST_ONE,
+    "keep_checkpoints": AT_LEAST_ONE, "log_every": AT_LEAST_ONE, "class_dropout": SHARE,
+    "guidance_scale": NON_NEGATIVE, "max_minutes": NON_NEGATIVE, "max_nonfinite_steps": AT_LEAST_ONE,
+}
+
 
 
 def load_ldm_config(path=None, overrides=()) -> LDMConfig:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.config import LossConfig
+from train.autoencoder.config import LossConfig
 
 LPIPS_MIN_SIDE = 32  # smaller images are too small for LPIPS-AlexNet's pooling (VGG takes 16)
 
@@ -71,7 +71,7 @@ class GeneratorLoss:
         last_layer: torch.Tensor | None = None,
         grad_scale: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict]:
-        """``grad_scale``: fp16's loss scale as a tensor (:func:`train.recipes.loss_scale`), which
+        """``grad_scale``: fp16's loss scale as a tensor (:func:`loss_scale`), which
         the backward of the returned loss will be multiplied by; None without loss scaling."""
         cfg = self.cfg
         batch = x.shape[0]
@@ -199,3 +199,24 @@ def discriminator_loss(
         "logits_fake": logits_fake.mean().item(),
     }
     return factor * loss, logs
+
+
+def loss_scale(accelerator) -> torch.Tensor | None:
+    """fp16's current loss scale as a tensor (read without a device sync), or None without a scaler."""
+    scaler = accelerator.scaler
+    return scaler.scale(torch.ones((), device=accelerator.device)) if scaler is not None else None
+
+
+class frozen:
+    """Temporarily set ``requires_grad=False`` on a module's parameters (None is a no-op)."""
+
+    def __init__(self, module: nn.Module | None):
+        self.module = module
+
+    def __enter__(self):
+        if self.module is not None:
+            self.module.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        if self.module is not None:
+            self.module.requires_grad_(True)

@@ -1,23 +1,16 @@
-"""Training configuration: typed dataclasses whose defaults live here, next to the code.
-
-YAML files only override (``python -m train configs/tiny.yaml``), and so does
-``--set a.b=c`` on the command line (values are parsed as YAML: ``--set optim.lr=1e-4``,
-``--set data.train=[a,b]``). A key that does not exist is an error that lists the valid ones;
-a value of the wrong type is an error naming the expected type.
+"""The autoencoder trainer's settings (``python -m train``, ``python -m train.distill``): typed
+dataclasses whose defaults live here (machinery: :mod:`train.common.config`), and the checks that
+types alone cannot express, ranges of every numeric key included (:data:`TRAIN_RANGES`).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from train.ranges import TRAIN_RANGES, check_ranges
+from train.common import config as _config
+from train.common.config import config_parser, save_config, to_dict  # noqa: F401  (re-exported)
+from train.common.ranges import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SHARE, check_ranges
 
 
 @dataclass
@@ -153,107 +146,31 @@ class TrainConfig:
     keep_freed_memory: bool = True  # CPU runs: reuse freed memory, no page faults (codec.host_memory)
 
 
-# ------------------------------------------------------------------------- the command line
-def config_parser(module: str, description: str, configs: str, example: str) -> argparse.ArgumentParser:
-    """``python -m MODULE [CONFIG] [--set KEY=VALUE ...]``: the parser every trainer shares."""
-    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
-    parser.add_argument("config", nargs="?", help=f"YAML file overriding the defaults ({configs})")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help=f"override one setting, e.g. {example}")
-    return parser
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """Defaults <- YAML file <- ``a.b=c`` overrides (:func:`train.common.config.load_config`)."""
+    return _config.load_config(path, overrides, TrainConfig)
 
 
-# ------------------------------------------------------------------------- loading
-def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=None):
-    """Defaults <- YAML file <- ``a.b=c`` overrides, validated against the dataclasses
-    (``cls``: the top-level dataclass, :class:`TrainConfig` unless given)."""
-    raw: dict = {}
-    if path is not None:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        _assign(raw, key.strip().split("."), yaml.safe_load(value))
-    return _build(cls or TrainConfig, raw, "")
-
-
-def _assign(tree: dict, keys: list[str], value) -> None:
-    for k in keys[:-1]:
-        tree = tree.setdefault(k, {})
-        if not isinstance(tree, dict):
-            raise ValueError(f"cannot set {'.'.join(keys)}: {k} is not a section")
-    tree[keys[-1]] = value
-
-
-def _build(cls, raw: dict, prefix: str):
-    if not isinstance(raw, dict):
-        raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        where = prefix.rstrip(".") or "top level"
-        raise ValueError(
-            f"unknown config key(s) {[prefix + k for k in unknown]} in {where}; "
-            f"valid keys: {sorted(fields)}"
-        )
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for name, value in raw.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, value or {}, f"{prefix}{name}.")
-        else:
-            values[name] = _coerce(value, hint, prefix + name)
-    return cls(**values)
-
-
-def _coerce(value, hint, key: str):
-    """Check ``value`` against a simple type hint; ints are accepted where floats are expected."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, key)
-            except ValueError:
-                pass
-        raise ValueError(f"{key}: expected {hint}, got {value!r}")
-    if origin is list:
-        (item_type,) = typing.get_args(hint)
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            value = [value]  # `--set data.train=path` means a one-item list
-        if not isinstance(value, list):
-            raise ValueError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, item_type, key) for v in value]
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        try:
-            return float(value)  # YAML 1.1 reads "1e-4" as a string
-        except ValueError:
-            pass
-    if hint is str and isinstance(value, bool):
-        return "yes" if value else "no"  # YAML 1.1 reads no/off/false as False: `mixed_precision: no`
-    if hint is str and isinstance(value, (int, float)):
-        return str(value)
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ValueError(f"{key}: expected {hint.__name__}, got {value!r}")
-    return value
-
-
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def save_config(cfg, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+# The valid range of every numeric key (train.common.ranges); image_every / val_every 0 mean off.
+TRAIN_RANGES = {
+    "mlp.image_size": AT_LEAST_ONE, "mlp.in_channels": "[1, 3]", "mlp.hidden_sizes": AT_LEAST_ONE,
+    "mlp.latent_size": AT_LEAST_ONE, "mlp.num_classes": AT_LEAST_ONE, "mlp.beta": NON_NEGATIVE,
+    "mlp.kl_anneal_steps": AT_LEAST_ONE, "mlp.kl_anneal_cycles": AT_LEAST_ONE, "mlp.kl_anneal_ratio": "(0, 1]",
+    "mlp.free_bits": NON_NEGATIVE,
+    "distill.latent_weight": NON_NEGATIVE,
+    "data.crop_size": "[8, inf)", "data.crop_min_fraction": "(0, 1]", "data.num_workers": NON_NEGATIVE,
+    "data.val_images": AT_LEAST_ONE, "data.val_crop": NON_NEGATIVE,
+    "loss.perceptual_weight": NON_NEGATIVE, "loss.perceptual_start": NON_NEGATIVE,
+    "loss.kl_weight": NON_NEGATIVE, "loss.logvar_init": "(-inf, inf)", "loss.disc_weight": NON_NEGATIVE,
+    "loss.disc_start": NON_NEGATIVE, "loss.disc_factor": NON_NEGATIVE, "loss.disc_layers": AT_LEAST_ONE,
+    "loss.disc_channels": AT_LEAST_ONE, "loss.equivariance_weight": NON_NEGATIVE,
+    "optim.lr": POSITIVE, "optim.disc_lr": POSITIVE, "optim.betas": SHARE, "optim.weight_decay": NON_NEGATIVE,
+    "optim.warmup_steps": NON_NEGATIVE, "optim.min_lr_ratio": "[0, 1]", "optim.max_grad_norm": NON_NEGATIVE,
+    "seed": NON_NEGATIVE, "batch_size": AT_LEAST_ONE, "grad_accum": AT_LEAST_ONE, "max_steps": AT_LEAST_ONE,
+    "max_minutes": NON_NEGATIVE, "ema_decay": SHARE, "checkpoint_every": AT_LEAST_ONE,
+    "keep_checkpoints": AT_LEAST_ONE, "log_every": AT_LEAST_ONE, "image_every": NON_NEGATIVE,
+    "val_every": NON_NEGATIVE, "scale_samples": AT_LEAST_ONE, "max_nonfinite_steps": AT_LEAST_ONE,
+}
 
 
 def validate(cfg: TrainConfig) -> None:

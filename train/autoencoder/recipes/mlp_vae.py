@@ -1,5 +1,5 @@
-"""The recipe ``train.loop`` uses for ``model.kind: mlp-vae`` (:class:`MLPRecipe`, chosen once
-by :func:`train.recipes.recipe_for`): model, data and the ELBO.
+"""The recipe ``train.autoencoder.loop`` uses for ``model.kind: mlp-vae`` (:class:`MLPRecipe`, chosen
+once by :func:`train.autoencoder.recipes.recipe_for`): model, data and the ELBO.
 
 The loop itself (accelerate, checkpoints, resume, EMA, export) is the kl-f8 one; only what
 differs lives here:
@@ -23,9 +23,9 @@ from torch.utils.data import Dataset
 from codec.baseline.arrays import is_array_source, load_split, to_tensor
 from codec.baseline.elbo import kl_weight, targets, terms_from, training_loss
 from codec.baseline.mlp_vae import MLPVAE
-from train.config import TrainConfig
-from train.data import CropDataset, gather_images
-from train.recipes import measured_scale
+from train.autoencoder.config import TrainConfig
+from train.autoencoder.data import CropDataset, gather_images
+from train.autoencoder.recipes.klf8 import measured_scale
 
 
 def build_mlp_vae(cfg: TrainConfig) -> MLPVAE:
@@ -122,7 +122,7 @@ class ELBOLoss:
 
 
 class MLPRecipe:
-    """``model.kind: mlp-vae`` for the training loop (see :mod:`train.recipes`)."""
+    """``model.kind: mlp-vae`` for the training loop (see :mod:`train.autoencoder.recipes`)."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg

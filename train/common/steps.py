@@ -2,7 +2,7 @@
 processes; and the exception that says a run was interrupted after saving a checkpoint.
 
 ``python -m train`` (every autoencoder recipe) and ``python -m train.ldm`` step their weights
-through :func:`step_optimisers`, skip non-finite steps with :class:`train.guards.NonFiniteGuard`
+through :func:`step_optimisers`, skip non-finite steps with :class:`train.common.guards.NonFiniteGuard`
 after :func:`agree` -ing on them, and stop on a signal the same way.
 """
 
