@@ -116,14 +116,13 @@ def test_fp16_overflow_with_eq_vae_is_logged_finite(fp16_accelerator):
     EQ-VAE term added, the logged loss must still be the finite value (a NaN would count the step
     as non-finite, and five in a row stop the run, instead of the scaler backing off)."""
     import math
-    from types import SimpleNamespace
 
     from codec.models import build_autoencoder
     from train.autoencoder.config import TrainConfig
     from train.autoencoder.discriminator import PatchDiscriminator
-    from train.autoencoder.losses import GeneratorLoss
+    from train.autoencoder.losses import GeneratorLoss, loss_scale
+    from train.autoencoder.recipes import StepContext
     from train.autoencoder.recipes.klf8 import Autoencoder, KLF8Recipe
-    from train.common.session import TrainState
 
     acc = fp16_accelerator
     acc.scaler = torch.amp.GradScaler("cpu", init_scale=1e36)
@@ -133,11 +132,12 @@ def test_fp16_overflow_with_eq_vae_is_logged_finite(fp16_accelerator):
     cfg.loss.logvar_init = -20.0  # nll = rec · e^20: finite, but x 1e36 its gradients are beyond fp32
     torch.manual_seed(0)
     vae = build_autoencoder("test")
-    run = SimpleNamespace(model=Autoencoder(vae), raw_disc=PatchDiscriminator(channels=8, layers=2),
-                          gen_loss=GeneratorLoss(cfg.loss, None), last_layer=vae.decoder.conv_out.weight,
-                          accelerator=acc, state=TrainState())
+    ctx = StepContext(model=Autoencoder(vae), raw_model=vae, step=0, rank=0, gen_loss=GeneratorLoss(cfg.loss, None),
+                      disc=PatchDiscriminator(channels=8, layers=2), last_layer=vae.decoder.conv_out.weight,
+                      grad_scale=loss_scale(acc))
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    _, loss, logs = KLF8Recipe(cfg).loss(run, x, {})
+    result = KLF8Recipe(cfg).loss(ctx, x, {})
+    loss, logs = result.loss, result.logs
     assert not torch.isfinite(loss)  # the overflow, for the scaler to skip
     assert math.isfinite(logs["loss"])
     assert logs["loss"] == pytest.approx(logs["nll"] + 0.5 * logs["d_weight"] * logs["g_loss"]

@@ -190,42 +190,13 @@ def validate(cfg: TrainConfig) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ValueError(f"{key}: unknown {value!r}; choose from {list(allowed)}")
-    if cfg.data.train:
-        from codec.sources.kinds import is_stream  # late: a config error must not wait for torch
-
-        streamed = [src for src in cfg.data.train if is_stream(src, cfg.data.streaming)]
-        if streamed and len(streamed) != len(cfg.data.train):
-            raise ValueError(f"data.train mixes streamed sources {streamed} with indexed ones; use one kind")
-        if streamed and cfg.model.kind == "mlp-vae":
-            raise ValueError("model.kind mlp-vae trains on indexed data (folders, tars, arrays), not streams")
-    if not 0 < cfg.data.crop_min_fraction <= 1:
-        raise ValueError(f"data.crop_min_fraction must be in (0, 1], got {cfg.data.crop_min_fraction}")
-    if cfg.data.crop_size % 8 or cfg.data.crop_size < 8:
-        raise ValueError(f"data.crop_size must be a positive multiple of 8, got {cfg.data.crop_size}")
-    if cfg.data.val_crop % 8:
-        raise ValueError(f"data.val_crop must be a multiple of 8 (or 0), got {cfg.data.val_crop}")
-    if not cfg.data.train:
-        raise ValueError("data.train is empty: set it to an image folder, e.g. --set data.train=DIR")
+    validate_data(cfg)
     for key in ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "keep_checkpoints",
                 "max_nonfinite_steps"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
     if cfg.model.kind == "mlp-vae":
-        # The ELBO (section mlp) replaces the kl-f8 loss; its options must be off, not ignored.
-        unsupported = {"loss.disc_weight": cfg.loss.disc_weight > 0, "loss.learn_logvar": cfg.loss.learn_logvar,
-                       "loss.perceptual_weight": cfg.loss.perceptual_weight > 0,
-                       "model.train_decoder_only": cfg.model.train_decoder_only,
-                       "model.gradient_checkpointing": cfg.model.gradient_checkpointing}
-        bad = [k for k, on in unsupported.items() if on]
-        if bad:
-            raise ValueError(f"model.kind mlp-vae: {bad} apply to kl-f8 only; unset them")
-        if cfg.mlp.latent_size < 1 or cfg.mlp.image_size < 1 or cfg.mlp.in_channels not in (1, 3):
-            raise ValueError("mlp.latent_size and mlp.image_size must be >= 1, mlp.in_channels 1 or 3")
-        if cfg.data.val and cfg.data.val_crop != cfg.mlp.image_size:
-            raise ValueError(
-                f"data.val with model.kind mlp-vae: set data.val_crop={cfg.mlp.image_size} "
-                f"(the MLP's fixed image size), got {cfg.data.val_crop}"
-            )
+        validate_mlp(cfg)
     if cfg.model.kind == "autoencoder-tiny":
         validate_student(cfg)
     if cfg.loss.equivariance_weight < 0:
@@ -242,6 +213,45 @@ def validate(cfg: TrainConfig) -> None:
     if len(cfg.optim.betas) != 2:
         raise ValueError(f"optim.betas must have two values, got {cfg.optim.betas}")
     check_ranges(cfg, TRAIN_RANGES)
+
+
+def validate_data(cfg: TrainConfig) -> None:
+    """``data``: one kind of source (streamed or indexed), crops the model can take."""
+    if cfg.data.train:
+        from codec.sources.kinds import is_stream  # late: a config error must not wait for torch
+
+        streamed = [src for src in cfg.data.train if is_stream(src, cfg.data.streaming)]
+        if streamed and len(streamed) != len(cfg.data.train):
+            raise ValueError(f"data.train mixes streamed sources {streamed} with indexed ones; use one kind")
+        if streamed and cfg.model.kind == "mlp-vae":
+            raise ValueError("model.kind mlp-vae trains on indexed data (folders, tars, arrays), not streams")
+    if not 0 < cfg.data.crop_min_fraction <= 1:
+        raise ValueError(f"data.crop_min_fraction must be in (0, 1], got {cfg.data.crop_min_fraction}")
+    if cfg.data.crop_size % 8 or cfg.data.crop_size < 8:
+        raise ValueError(f"data.crop_size must be a positive multiple of 8, got {cfg.data.crop_size}")
+    if cfg.data.val_crop % 8:
+        raise ValueError(f"data.val_crop must be a multiple of 8 (or 0), got {cfg.data.val_crop}")
+    if not cfg.data.train:
+        raise ValueError("data.train is empty: set it to an image folder, e.g. --set data.train=DIR")
+
+
+def validate_mlp(cfg: TrainConfig) -> None:
+    """``model.kind: mlp-vae``: what the vanilla VAE can and cannot take."""
+    # The ELBO (section mlp) replaces the kl-f8 loss; its options must be off, not ignored.
+    unsupported = {"loss.disc_weight": cfg.loss.disc_weight > 0, "loss.learn_logvar": cfg.loss.learn_logvar,
+                   "loss.perceptual_weight": cfg.loss.perceptual_weight > 0,
+                   "model.train_decoder_only": cfg.model.train_decoder_only,
+                   "model.gradient_checkpointing": cfg.model.gradient_checkpointing}
+    bad = [k for k, on in unsupported.items() if on]
+    if bad:
+        raise ValueError(f"model.kind mlp-vae: {bad} apply to kl-f8 only; unset them")
+    if cfg.mlp.latent_size < 1 or cfg.mlp.image_size < 1 or cfg.mlp.in_channels not in (1, 3):
+        raise ValueError("mlp.latent_size and mlp.image_size must be >= 1, mlp.in_channels 1 or 3")
+    if cfg.data.val and cfg.data.val_crop != cfg.mlp.image_size:
+        raise ValueError(
+            f"data.val with model.kind mlp-vae: set data.val_crop={cfg.mlp.image_size} "
+            f"(the MLP's fixed image size), got {cfg.data.val_crop}"
+        )
 
 
 def validate_student(cfg: TrainConfig) -> None:

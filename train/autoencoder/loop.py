@@ -29,7 +29,8 @@ from codec.images import make_grid_image
 from codec.models import count_parameters
 from train.autoencoder.config import TrainConfig, validate
 from train.autoencoder.export import gather_skipped, save_checkpoint
-from train.autoencoder.losses import disc_factor, discriminator_loss
+from train.autoencoder.losses import disc_factor, discriminator_loss, loss_scale
+from train.autoencoder.recipes import StepContext, StepResult
 from train.autoencoder.state import Run, build_run
 from train.autoencoder.validation import Validation, _log_image
 from train.common import checkpoints as ckpt
@@ -65,12 +66,16 @@ def train(cfg: TrainConfig) -> Path:
         runs.reset_accelerate()
 
 
-def generator_step(run: Run, x: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict, bool]:
-    """The recipe's loss and its backward; returns (reconstruction, logs, non-finite?)."""
-    with run.accelerator.autocast():
-        recon, loss, logs = run.recipe.loss(run, x, batch)
-    run.accelerator.backward(loss)
-    return recon, logs, not math.isfinite(logs["loss"])
+def generator_step(run: Run, x: torch.Tensor, batch: dict) -> tuple[StepResult, bool]:
+    """The recipe's loss and its backward; returns (the recipe's result, non-finite?)."""
+    acc = run.accelerator
+    ctx = StepContext(model=run.model, raw_model=run.raw_vae, step=run.state.step, rank=acc.process_index,
+                      gen_loss=run.gen_loss, disc=run.raw_disc, last_layer=run.last_layer,
+                      grad_scale=loss_scale(acc))
+    with acc.autocast():
+        result = run.recipe.loss(ctx, x, batch)
+    acc.backward(result.loss)
+    return result, not math.isfinite(result.logs["loss"])
 
 
 def discriminator_step(run: Run, x: torch.Tensor, recon: torch.Tensor, logs: dict) -> tuple[bool, bool]:
@@ -167,8 +172,9 @@ def _train(cfg: TrainConfig) -> Path:
             _record_skipped(run.state, batch["skipped"], run.is_main)
             x = run.recipe.inputs(batch, accelerator.device)
             with accelerator.accumulate(run.model, *([run.disc] if run.disc is not None else [])):
-                recon, logs, bad = generator_step(run, x, batch)
-                disc_on, bad_d = discriminator_step(run, run.recipe.real_images(x, batch), recon, logs)
+                result, bad = generator_step(run, x, batch)
+                recon, logs = result.fake, result.logs
+                disc_on, bad_d = discriminator_step(run, result.real, recon, logs)
                 nonfinite |= bad or bad_d
                 if accelerator.sync_gradients:
                     over_time = cfg.max_minutes > 0 and time.monotonic() - start > cfg.max_minutes * 60

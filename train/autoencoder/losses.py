@@ -73,30 +73,40 @@ class GeneratorLoss:
     ) -> tuple[torch.Tensor, dict]:
         """``grad_scale``: fp16's loss scale as a tensor (:func:`loss_scale`), which
         the backward of the returned loss will be multiplied by; None without loss scaling."""
-        cfg = self.cfg
-        batch = x.shape[0]
-        x, recon = x.float(), recon.float()
-        pixel = self.pixel_error(x, recon)
-        rec = pixel
-        logs = {"rec": pixel.mean().item()}
-        if self.perceptual_on(step):
-            p = self.perceptual(x, recon)  # (B, 1, 1, 1), broadcast over pixels as in the reference
-            rec = rec + cfg.perceptual_weight * p
-            logs["lpips"] = p.mean().item()
+        batch, recon = x.shape[0], recon.float()
+        rec, logs = self.reconstruction_terms(x, recon, step)
         nll = (rec / torch.exp(self.logvar) + self.logvar).sum() / batch
         kl = posterior.kl().sum() / batch
-        kl_term = cfg.kl_weight * kl
-        loss = nll + kl_term
+        kl_term = self.cfg.kl_weight * kl
         logs.update(nll=nll.item(), kl=kl.item() / posterior.mean[0].numel(), logvar=self.logvar.item())
+        return self.with_adversarial(nll, kl_term, recon, step, disc, last_layer, grad_scale, logs)
 
+    def reconstruction_terms(self, target: torch.Tensor, recon: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
+        """Pixel error + ``perceptual_weight`` · LPIPS (broadcast over each image's pixels, as in
+        the reference) per element, in float32, and their logged means."""
+        target, recon = target.float(), recon.float()
+        rec = self.pixel_error(target, recon)
+        logs = {"rec": rec.mean().item()}
+        if self.perceptual_on(step):
+            p = self.perceptual(target, recon)  # (B, 1, 1, 1)
+            rec = rec + self.cfg.perceptual_weight * p
+            logs["lpips"] = p.mean().item()
+        return rec, logs
+
+    def with_adversarial(self, base: torch.Tensor, other: torch.Tensor, recon: torch.Tensor, step: int,
+                         disc: nn.Module | None, last_layer: torch.Tensor | None, grad_scale: torch.Tensor | None,
+                         logs: dict) -> tuple[torch.Tensor, dict]:
+        """``base + other``, plus the GAN term once on, weighted adaptively against ``base``'s
+        gradient at ``last_layer`` (:func:`adversarial_loss`); logs its terms and the loss."""
+        cfg = self.cfg
         factor = disc_factor(cfg, step)
         if disc is not None and factor > 0:
             g_loss = -disc(recon).mean()
-            loss, value, d_weight = adversarial_loss(nll, kl_term, g_loss, recon, last_layer, self.logvar,
+            loss, value, d_weight = adversarial_loss(base, other, g_loss, recon, last_layer, self.logvar,
                                                      cfg.disc_weight, factor, grad_scale)
             logs.update(g_loss=g_loss.item(), d_weight=d_weight.item())
         else:
-            value = loss
+            loss = value = base + other
         logs["disc_factor"] = factor
         logs["loss"] = value.item()
         return loss, logs

@@ -18,7 +18,8 @@ from codec.sources import is_stream
 from codec.sources.stream import ImageStream, cache_path
 from train.autoencoder.config import TrainConfig
 from train.autoencoder.data import CropDataset, Cropper, TooSmall, collate, gather_images
-from train.autoencoder.losses import frozen, loss_scale
+from train.autoencoder.losses import frozen
+from train.autoencoder.recipes import StepContext, StepResult
 
 
 class Autoencoder(nn.Module):
@@ -68,25 +69,24 @@ class KLF8Recipe:
         x = batch["pixels"].to(device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
-    def loss(self, run, x: torch.Tensor, batch: dict):
-        """(reconstruction, loss, logs) of the generator phase, under autocast."""
-        transform = self.pick_transform(run.state.step, run.accelerator.process_index)
-        recon, posterior, transformed = run.model(x, transform)
+    def loss(self, ctx: StepContext, x: torch.Tensor, batch: dict) -> StepResult:
+        """Reconstruction + LPIPS + KL (+ GAN, + EQ-VAE) of the generator phase, under autocast."""
+        transform = self.pick_transform(ctx.step, ctx.rank)
+        recon, posterior, transformed = ctx.model(x, transform)
         # The discriminator judges x̂ here with its own weights frozen: its plain module is used
         # because no discriminator gradient may be produced now.
-        with frozen(run.raw_disc):
-            loss, logs = run.gen_loss(x, recon, posterior, run.state.step, run.raw_disc, run.last_layer,
-                                      loss_scale(run.accelerator))
+        with frozen(ctx.disc):
+            loss, logs = ctx.gen_loss(x, recon, posterior, ctx.step, ctx.disc, ctx.last_layer, ctx.grad_scale)
         if transformed is not None:  # EQ-VAE: D(τ(z)) should be τ(x)
-            eq = run.gen_loss.reconstruction(equivariance.apply(transform, x), transformed, run.state.step,
+            eq = ctx.gen_loss.reconstruction(equivariance.apply(transform, x), transformed, ctx.step,
                                              per_image=x[0].numel())
             weight = self.cfg.loss.equivariance_weight
             loss = loss + weight * eq
             # From the logged value, not loss.item(): under fp16 an overflow of the GAN term's
-            # scaled gradients makes ``loss`` NaN (train.losses.adversarial_loss) while its value is
-            # finite; a NaN here would be counted as a non-finite step instead of the scaler's skip.
+            # scaled gradients makes ``loss`` NaN (train.autoencoder.losses.adversarial_loss) while
+            # its value is finite; a NaN here would be counted as a non-finite step, not the scaler's skip.
             logs.update(equivariance=eq.item(), loss=logs["loss"] + weight * eq.item())
-        return recon, loss, logs
+        return StepResult(fake=recon, loss=loss, logs=logs, real=x)
 
     def pick_transform(self, step: int, rank: int) -> str | None:
         """EQ-VAE's τ of this step, None when off: drawn from its own stream per (seed, rank, step),
@@ -95,10 +95,6 @@ class KLF8Recipe:
         if self.cfg.loss.equivariance_weight <= 0:
             return None
         return names[int(np.random.default_rng([self.cfg.seed, rank, step]).integers(len(names)))]
-
-    def real_images(self, x: torch.Tensor, batch: dict) -> torch.Tensor:
-        """What the discriminator is shown as real: the training images."""
-        return x
 
     def last_layer(self, raw_vae) -> torch.Tensor:
         """The weight the adaptive GAN weight balances gradients at: the decoder's last conv."""

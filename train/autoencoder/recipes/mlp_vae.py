@@ -25,6 +25,7 @@ from codec.baseline.elbo import kl_weight, targets, terms_from, training_loss
 from codec.baseline.mlp_vae import MLPVAE
 from train.autoencoder.config import TrainConfig
 from train.autoencoder.data import CropDataset, gather_images
+from train.autoencoder.recipes import StepContext, StepResult
 from train.autoencoder.recipes.klf8 import measured_scale
 
 
@@ -146,14 +147,12 @@ class MLPRecipe:
     def inputs(self, batch: dict, device: torch.device) -> torch.Tensor:
         return fit_channels(batch["pixels"].to(device, non_blocking=True), self.cfg.mlp.in_channels)
 
-    def loss(self, run, x: torch.Tensor, batch: dict):
+    def loss(self, ctx: StepContext, x: torch.Tensor, batch: dict) -> StepResult:
+        """The negative ELBO (no discriminator for the MLP VAE: train.autoencoder.config.validate)."""
         labels = batch["labels"].to(x.device) if self.cfg.mlp.conditional else None
-        params, posterior = run.model(x, labels)  # params: the decoder's distribution parameters
-        loss, logs = self.elbo(run.raw_vae, x, params, posterior, run.state.step)
-        return params, loss, logs
-
-    def real_images(self, x: torch.Tensor, batch: dict) -> torch.Tensor:
-        return x  # (no discriminator for the MLP VAE: train.config.validate)
+        params, posterior = ctx.model(x, labels)  # params: the decoder's distribution parameters
+        loss, logs = self.elbo(ctx.raw_model, x, params, posterior, ctx.step)
+        return StepResult(fake=params, loss=loss, logs=logs, real=x)
 
     def export_factors(self, codec, measure) -> dict:
         if self.cfg.mlp.conditional:  # Codec encodes without labels; its latents are N(0, I) by its KL

@@ -33,7 +33,8 @@ from codec.io import is_autoencoder_tiny
 from codec.latent_space import space_of
 from codec.models import build_student, load_autoencoder
 from train.autoencoder.config import TrainConfig
-from train.autoencoder.losses import adversarial_loss, disc_factor, frozen, loss_scale
+from train.autoencoder.losses import frozen
+from train.autoencoder.recipes import StepContext, StepResult
 from train.autoencoder.recipes.klf8 import KLF8Recipe
 
 # The student decoder soft-clamps its input to ±3 (tanh(x / 3) * 3): teacher latents far wider
@@ -130,42 +131,27 @@ class DistillRecipe(KLF8Recipe):
                           "inputs beyond ±3, so set the teacher's factors first (`vae-codec scale`)",
                           RuntimeWarning, stacklevel=2)
 
-    def loss(self, run, x: torch.Tensor, batch: dict):
-        """(what is shown, loss, logs): latent matching and/or the decoder's reconstruction."""
-        cfg = self.cfg.loss
+    def loss(self, ctx: StepContext, x: torch.Tensor, batch: dict) -> StepResult:
+        """Latent matching and/or the decoder's terms: the shared generator terms (pixel + LPIPS
+        + GAN, train.autoencoder.losses.GeneratorLoss) with the teacher's decodings as the target,
+        as a mean over elements (no KL: a student has no posterior)."""
         teacher_latents, teacher_images = self.targets(x)
-        batch["teacher_images"] = teacher_images  # the discriminator's real images (real_images)
-        latents, decoded = run.model(x, teacher_latents)
-        loss = x.new_zeros(())
+        latents, decoded = ctx.model(x, teacher_latents)
+        latent_loss = x.new_zeros(())
         logs = {}
         if latents is not None:
             latent_mse = F.mse_loss(latents.float(), teacher_latents)
-            loss = loss + self.cfg.distill.latent_weight * latent_mse
+            latent_loss = self.cfg.distill.latent_weight * latent_mse
             logs["latent_mse"] = latent_mse.item()
         if decoded is None:  # encoder only: the grid shows the teacher decoding the student's latents
-            logs.update(rec=logs["latent_mse"], loss=loss.item())
-            return latents, loss, logs
-        decoded, target = decoded.float(), teacher_images.float()
-        rec = run.gen_loss.pixel_error(target, decoded).mean()
-        logs["rec"] = rec.item()
-        if run.gen_loss.perceptual_on(run.state.step):
-            p = run.gen_loss.perceptual(target, decoded).mean()
-            rec = rec + cfg.perceptual_weight * p
-            logs["lpips"] = p.item()
-        factor = disc_factor(cfg, run.state.step)
-        if run.raw_disc is None or factor <= 0:
-            loss = loss + rec
-            logs["loss"] = loss.item()
-            return decoded, loss, logs
-        with frozen(run.raw_disc):  # the adaptive GAN weight, as for kl-f8 (train.losses.adversarial_loss)
-            g_loss = -run.raw_disc(decoded).mean()
-            loss, value, d_weight = adversarial_loss(rec, loss, g_loss, decoded, run.last_layer, run.gen_loss.logvar,
-                                                     cfg.disc_weight, factor, loss_scale(run.accelerator))
-        logs.update(g_loss=g_loss.item(), d_weight=d_weight.item(), loss=value.item())
-        return decoded, loss, logs
-
-    def real_images(self, x: torch.Tensor, batch: dict) -> torch.Tensor:
-        return batch["teacher_images"]
+            logs.update(rec=logs["latent_mse"], loss=latent_loss.item())
+            return StepResult(fake=latents, loss=latent_loss, logs=logs, real=x)
+        rec, rec_logs = ctx.gen_loss.reconstruction_terms(teacher_images, decoded, ctx.step)
+        logs.update(rec_logs)
+        with frozen(ctx.disc):  # the adaptive GAN weight, as for kl-f8
+            loss, logs = ctx.gen_loss.with_adversarial(rec.mean(), latent_loss, decoded.float(), ctx.step, ctx.disc,
+                                                       ctx.last_layer, ctx.grad_scale, logs)
+        return StepResult(fake=decoded.float(), loss=loss, logs=logs, real=teacher_images)
 
     @torch.no_grad()
     def shown(self, raw_vae, shown: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
