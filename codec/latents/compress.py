@@ -25,18 +25,17 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from codec.codec import DOWNSAMPLE, Codec
-from codec.factors import scale_latents, scale_std
 from codec.images import save_image
 from codec.io import is_mlp_vae, read_metadata
 from codec.latent_space import check as check_space
 from codec.latent_space import from_metadata
 from codec.latents import shards as sh
 from codec.latents.buckets import make_buckets
+from codec.latents.chunks import ChunkWriter, noise_id  # noqa: F401  (noise_id: re-exported)
 from codec.latents.conditioning import folder_classes, orphans, string_classes
 from codec.latents.inputs import ImageInputs, as_list
 from codec.latents.shard_inputs import ShardInputs
@@ -100,17 +99,6 @@ def _distributed_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-class _Chunk:
-    """One chunk's encoded rows, grouped by latent shape, until its shards are written."""
-
-    def __init__(self, chunk: int):
-        self.id = chunk
-        self.pending: dict[tuple, list[dict]] = {}  # (h, w) -> decoded items not yet encoded
-        self.groups: dict[tuple, dict] = {}  # (h, w) -> {"tensors": {name: [..]}, row lists}
-        self.skipped: list[dict] = []
-        self.inputs: list[str] = []  # the keys of every input read for this chunk
-
-
 def compress(
     codec_path,
     source,
@@ -136,32 +124,15 @@ def compress(
 ) -> dict | None:
     """Encode every image of ``source`` (any form of :mod:`codec.sources`) into shards under
     ``output``; returns the manifest's summary on the main process (None on the others). See the
-    module docstring."""
+    module docstring. The steps: check the settings, list the inputs, describe the job, plan the
+    chunks, encode and commit this process's chunks, merge the manifest."""
     from tqdm.auto import tqdm
 
-    if store not in sh.STORES:
-        raise ValueError(f"unknown store {store!r}; choose from {list(sh.STORES)}")
-    if latent_dtype not in sh.LATENT_DTYPES:
-        raise ValueError(
-            f"unknown latent dtype {latent_dtype!r}; choose from {sorted(sh.LATENT_DTYPES)}"
-        )
-    if resolution is not None and (resolution <= 0 or resolution % DOWNSAMPLE):
-        raise ValueError(
-            f"--resolution must be a positive multiple of {DOWNSAMPLE}, got {resolution}"
-        )
-    if buckets is not None and resolution is not None:
-        raise ValueError("--buckets and --resolution exclude each other (buckets choose each image's size)")
-    bucket_sizes = make_buckets(buckets, bucket_step) if buckets is not None else None
-    if labels not in ("auto", "folders"):
-        raise ValueError(f"unknown labels {labels!r}; choose from ['auto', 'folders']")
-    if shard_size < 1 or seed < 0:
-        raise ValueError("--shard-size must be >= 1 and --seed >= 0")
-
+    bucket_sizes = check_settings(store, latent_dtype, resolution, buckets, bucket_step, labels, shard_size, seed)
     refuse_flat_latents(codec_path)
     state = _distributed_state()
     rank, world = (state.process_index, state.num_processes) if state else (0, 1)
     barrier = state.wait_for_everyone if state else (lambda: None)
-    is_main = rank == 0
     streamed = is_stream(source, streaming)
     if streamed and labels == "folders":
         raise ValueError("--labels folders needs class folders; a stream has none (labels come from .cls/.json)")
@@ -169,37 +140,21 @@ def compress(
     # anything else is listed now, sorted by key and cut into chunks of shard_size.
     shards = stream_shards([source], image_column, split) if streamed else None
     inputs = [] if streamed else list_source(source, image_column, split)
-    device = device or (state.device if state else None)
-    codec, codec_info = load_codec(codec_path, device=device, dtype=dtype, batch_size=batch_size,
-                                   max_memory=max_memory)
+    codec, codec_info = load_codec(codec_path, device=device or (state.device if state else None), dtype=dtype,
+                                   batch_size=batch_size, max_memory=max_memory)
     refuse_flat_latents(codec.vae)  # a hub id: known once loaded
     # The class list: class folders (--labels folders), or the string labels of metadata.jsonl /
     # a dataset's label column, so that "cat" is a class index like a folder name is.
     classes = (folder_classes(Path(source), [i.key for i in inputs]) if labels == "folders"
                else None if streamed else label_classes(source, inputs, image_column, split))
-    job = {
-        "format": sh.FORMAT,
-        "version": sh.VERSION,
-        "codec": codec_info,
-        "settings": {
-            "resolution": resolution, "store": store, "latent_dtype": latent_dtype,
-            "compute_dtype": dtype, "shard_size": shard_size, "seed": seed,
-            **({"flip": True} if flip else {}),  # absent when off: jobs written before --flip still match
-            **({"buckets": {"budget": buckets, "step": bucket_step}} if buckets is not None else {}),
-        },
-        # --labels folders: the class list (label i is classes[i]), in the job so a rerun with
-        # other classes is another job
-        **({"classes": classes} if classes else {}),
-        "inputs": _input_set(source, inputs, shards, image_column, split),
-    }
+    settings = {"resolution": resolution, "store": store, "latent_dtype": latent_dtype, "compute_dtype": dtype,
+                "shard_size": shard_size, "seed": seed,
+                **({"flip": True} if flip else {}),  # absent when off: jobs written before --flip still match
+                **({"buckets": {"budget": buckets, "step": bucket_step}} if buckets is not None else {})}
+    job = describe_job(codec_info, settings, classes, _input_set(source, inputs, shards, image_column, split))
     out = Path(output)
-    sh.check_or_write_job(out, job, write=False)  # every rank refuses before anyone writes
-    if is_main:
-        sh.check_or_write_job(out, job, write=True)
-    barrier()
     num_chunks = len(shards) if streamed else math.ceil(len(inputs) / shard_size)
-    pending = [c for c in range(num_chunks) if sh.load_record(out, c) is None]
-    barrier()  # all ranks list the same pending chunks before any rank commits one
+    pending = plan_chunks(out, job, num_chunks, rank == 0, barrier)
     mine = pending[rank::world]
     if streamed:
         dataset, total = ShardInputs(shards, mine, resolution, bucket_sizes), None
@@ -210,134 +165,68 @@ def compress(
         dataset, batch_size=batch_size, num_workers=min(num_workers, len(mine)) if streamed else num_workers,
         collate_fn=as_list, prefetch_factor=4 if num_workers else None,
     )
-    storage = sh.LATENT_DTYPES[latent_dtype]
-
-    def label_of(item: dict) -> int | None:
-        if labels != "folders":
-            return item["label"]
-        key = item["key"]
-        folder = key.split("/", 1)[0]
-        return classes.index(folder) if "/" in key and folder in classes else None
-
-    def encode(items: list[dict]) -> dict[str, torch.Tensor]:
-        # uint8 travels to the device (4x fewer bytes than float), then [0, 255] -> [-1, 1].
-        x = torch.stack([it["image"] for it in items]).to(codec.device)
-        x = x.float().div_(127.5).sub_(1.0)
-        tensors = encode_view(x, items, view=0)
-        if flip:  # the latent of the mirrored image (not the mirrored latent: the encoder is not equivariant)
-            tensors.update({f"{k}_flip": v for k, v in encode_view(x.flip(-1), items, view=1).items()})
-        return tensors
-
-    def encode_view(x: torch.Tensor, items: list[dict], view: int) -> dict[str, torch.Tensor]:
-        mean, logvar = codec.posterior(x)  # (B, C, h, w) unscaled, float32 on the CPU
-        # The factors exactly as Codec.encode / diffusers pipelines apply them (codec.factors).
-        mean_s = scale_latents(mean, codec.vae.config)
-        std_s = scale_std(torch.exp(0.5 * logvar), codec.vae.config)
-        if store == "mean":
-            return {"latents": mean_s}
-        if store == "mean_std":
-            return {"mean": mean_s, "std": std_s}
-        # One random stream per (seed, input): the sample does not depend on batching, ranks or
-        # resumes. numpy's SeedSequence takes both numbers (torch's CPU seed keeps only 32 bits).
-        noise = torch.from_numpy(np.stack([
-            np.random.default_rng([seed, *noise_id(it)] + ([view] if view else [])).standard_normal(
-                mean.shape[1:], dtype=np.float32
-            )
-            for it in items
-        ]))
-        return {"latents": mean_s + std_s * noise}
-
-    def flush(chunk: _Chunk, hw: tuple) -> None:
-        items = chunk.pending.pop(hw, [])
-        if not items:
-            return
-        group = chunk.groups.setdefault(
-            hw, {"tensors": {}, "keys": [], "original_sizes": [], "crops_top_left": [],
-                 "labels": [], "captions": [], "metas": []}
-        )
-        for name, t in encode(items).items():
-            group["tensors"].setdefault(name, []).append(t.to(storage))
-        group["keys"] += [it["key"] for it in items]
-        group["original_sizes"] += [it["original_size"] for it in items]
-        group["crops_top_left"] += [it["crop_top_left"] for it in items]
-        group["labels"] += [label_of(it) for it in items]
-        group["captions"] += [it["caption"] for it in items]
-        group["metas"] += [it["meta"] for it in items]
-
-    def commit(chunk: _Chunk) -> None:
-        for hw in list(chunk.pending):
-            flush(chunk, hw)
-        entries = []
-        for hw, group in sorted(chunk.groups.items()):
-            tensors = {name: torch.cat(parts) for name, parts in group.pop("tensors").items()}
-            for field in sh.CONDITIONING_ROWS:  # stored only where some image has it
-                if all(v is None for v in group[field]):
-                    del group[field]
-            for name, t in tensors.items():
-                if not torch.isfinite(t).all():
-                    raise ValueError(
-                        f"{name} latents of chunk {chunk.id} overflow {latent_dtype}; "
-                        "use --latent-dtype fp32 (or bf16)"
-                    )
-            name = sh.shard_name(chunk.id, (hw[0] // DOWNSAMPLE, hw[1] // DOWNSAMPLE))
-            entries.append(sh.write_shard(out, name, tensors, group, job))
-        # The record is written last: it is what makes the chunk count as done.
-        record = {"chunk": chunk.id, "rank": rank, "shards": entries, "skipped": chunk.skipped}
-        if streamed:  # the shard's images are known now: its count and keys join the input set
-            record["inputs"] = chunk.inputs
-        sh.atomic_write_json(sh.record_path(out, chunk.id), record)
-
-    bar = tqdm(
-        total=total, unit="img", disable=not (progress and is_main), dynamic_ncols=True,
-        desc=f"encoding (rank 0 of {world})" if world > 1 else "encoding",
-    )
-    open_chunks: dict[int, _Chunk] = {}  # a stream's workers each fill a chunk of their own
-    with bar:
-        for batch in loader:
-            for item in batch:
-                if "end" in item:  # a stream's shard was read to its end (or to its damage)
-                    chunk = open_chunks.pop(item["end"], None) or _Chunk(item["end"])
-                    if item["problem"]:  # the shard itself, accounted for like an input
-                        chunk.skipped.append(item["problem"])
-                        chunk.inputs.append(item["problem"]["key"])
-                    commit(chunk)
-                    continue
-                if not streamed:
-                    item["key"] = inputs[item["index"]].key
-                c = item["chunk"] if streamed else item["index"] // shard_size
-                if c not in open_chunks:
-                    if not streamed:  # chunks of an input list come one after another
-                        for done in list(open_chunks):
-                            commit(open_chunks.pop(done))
-                    open_chunks[c] = _Chunk(c)
-                chunk = open_chunks[c]
-                chunk.inputs.append(item["key"])
-                if item["error"] is None and labels == "folders" and label_of(item) is None:
-                    item["error"] = "not in a class folder (--labels folders)"
-                if item["error"] is not None:
-                    chunk.skipped.append({"key": item["key"], "reason": item["error"]})
-                    continue
-                hw = tuple(item["image"].shape[-2:])
-                chunk.pending.setdefault(hw, []).append(item)
-                if len(chunk.pending[hw]) >= batch_size:
-                    flush(chunk, hw)
-            bar.update(sum("end" not in item for item in batch))
-        for chunk in open_chunks.values():
-            commit(chunk)
+    writer = ChunkWriter(codec, job, out, rank, streamed, batch_size, classes, labels == "folders")
+    with tqdm(total=total, unit="img", disable=not (progress and rank == 0), dynamic_ncols=True,
+              desc=f"encoding (rank 0 of {world})" if world > 1 else "encoding") as bar:
+        writer.encode_all(loader, inputs, shard_size, bar)
     barrier()
-    if not is_main:
+    if rank != 0:
         return None
     source_dir = Path(source)
     found_orphans = (orphans(source_dir, [i.path for i in inputs if i.offset < 0], read_metadata_jsonl(source_dir))
                      if source_dir.is_dir() and not is_hf_dataset(source) else [])
     manifest = sh.merge_manifest(out, job, num_chunks, found_orphans)
+    report(manifest, source, out, f"{len(pending)} of {num_chunks} chunks encoded by this run ({world} process(es))")
+    return manifest["summary"]
+
+
+def check_settings(store, latent_dtype, resolution, buckets, bucket_step, labels, shard_size, seed) -> list | None:
+    """Refuse bad settings before any work; returns the aspect-ratio buckets (None: off)."""
+    if store not in sh.STORES:
+        raise ValueError(f"unknown store {store!r}; choose from {list(sh.STORES)}")
+    if latent_dtype not in sh.LATENT_DTYPES:
+        raise ValueError(f"unknown latent dtype {latent_dtype!r}; choose from {sorted(sh.LATENT_DTYPES)}")
+    if resolution is not None and (resolution <= 0 or resolution % DOWNSAMPLE):
+        raise ValueError(f"--resolution must be a positive multiple of {DOWNSAMPLE}, got {resolution}")
+    if buckets is not None and resolution is not None:
+        raise ValueError("--buckets and --resolution exclude each other (buckets choose each image's size)")
+    if labels not in ("auto", "folders"):
+        raise ValueError(f"unknown labels {labels!r}; choose from ['auto', 'folders']")
+    if shard_size < 1 or seed < 0:
+        raise ValueError("--shard-size must be >= 1 and --seed >= 0")
+    return make_buckets(buckets, bucket_step) if buckets is not None else None
+
+
+def describe_job(codec_info: dict, settings: dict, classes: list[str] | None, inputs: dict) -> dict:
+    """What is being made (``job.json``): a rerun with anything else is another job, refused."""
+    return {
+        "format": sh.FORMAT,
+        "version": sh.VERSION,
+        "codec": codec_info,
+        "settings": settings,
+        # the class list (label i is classes[i]), in the job so a rerun with other classes is another job
+        **({"classes": classes} if classes else {}),
+        "inputs": inputs,
+    }
+
+
+def plan_chunks(out: Path, job: dict, num_chunks: int, is_main: bool, barrier) -> list[int]:
+    """Check (every rank) and write (rank 0) the job; the chunks without a commit record, the same
+    list on every rank before any rank commits one."""
+    sh.check_or_write_job(out, job, write=False)  # every rank refuses before anyone writes
+    if is_main:
+        sh.check_or_write_job(out, job, write=True)
+    barrier()
+    pending = [c for c in range(num_chunks) if sh.load_record(out, c) is None]
+    barrier()
+    return pending
+
+
+def report(manifest: dict, source, out: Path, work: str) -> None:
+    """The summary a user reads: inputs = encoded + skipped, shards, conditioning, the first skips."""
     s = manifest["summary"]
-    print(
-        f"{source} -> {out}: {s['inputs']} inputs = {s['encoded']} encoded + "
-        f"{s['skipped']} skipped; "
-        f"{s['shards']} shards, {s['bytes'] / 1e6:.2f} MB, latent shapes {s['latent_shapes']}; "
-        f"{len(pending)} of {num_chunks} chunks encoded by this run ({world} process(es))"
-    )
+    print(f"{source} -> {out}: {s['inputs']} inputs = {s['encoded']} encoded + {s['skipped']} skipped; "
+          f"{s['shards']} shards, {s['bytes'] / 1e6:.2f} MB, latent shapes {s['latent_shapes']}; {work}")
     if "with_label" in s:
         print(f"  conditioning: {s['with_label']} with a label, {s['with_caption']} with a caption, "
               f"{s['with_meta']} with JSON meta (of {s['encoded']} encoded)")
@@ -347,9 +236,7 @@ def compress(
     for item in manifest["skipped"][:10]:
         print(f"  skipped {item['key']}: {item['reason'].removeprefix(item['key'] + ': ')}")
     if len(manifest["skipped"]) > 10:
-        more = len(manifest["skipped"]) - 10
-        print(f"  ... and {more} more, all listed in {out / sh.MANIFEST_FILE}")
-    return s
+        print(f"  ... and {len(manifest['skipped']) - 10} more, all listed in {out / sh.MANIFEST_FILE}")
 
 
 def _input_set(source, inputs: list, shards: list | None, image_column: str, split: str) -> dict:
@@ -372,12 +259,6 @@ def label_classes(source, inputs: list, image_column: str, split: str) -> list[s
 
         return dataset_classes(open_dataset(str(source), image_column, split))
     return string_classes(i.record for i in inputs)
-
-
-def noise_id(item: dict) -> list[int]:
-    """What seeds an input's posterior noise: its index in the input list, or (shard, image) of a
-    stream; independent of batching, ranks and resumes."""
-    return [item["chunk"], item["index"], 0] if "chunk" in item else [item["index"]]
 
 
 # ------------------------------------------------------------------------- decompress
