@@ -107,12 +107,19 @@ def test_tar_samples_carry_cls_txt_and_json_members(codec_dir, tmp_path):
                    "train-000000.tar/s2.jpg": (9, None, None)}
 
 
-def test_latents_without_side_data_have_no_conditioning_fields(codec_dir, tmp_path):
+def test_latents_without_side_data_carry_none_and_batch(codec_dir, tmp_path):
+    from torch.utils.data import DataLoader
+
     (tmp_path / "plain").mkdir()
-    photo(0).save(tmp_path / "plain" / "a.jpg")
+    for i in range(3):
+        photo(i).save(tmp_path / "plain" / f"{i}.jpg")
     assert compress(codec_dir, tmp_path / "plain", tmp_path / "lat") == 0
-    item = LatentDataset(tmp_path / "lat")[0]
-    assert not {"label", "caption", "meta"} & set(item) and LatentDataset(tmp_path / "lat").classes is None
+    ds = LatentDataset(tmp_path / "lat")
+    item = ds[0]
+    # The README's loops read item["caption"] / item["label"]: present, None where absent.
+    assert (item["label"], item["caption"], item["meta"]) == (None, None, None) and ds.classes is None
+    batch = next(iter(DataLoader(ds, batch_size=3, collate_fn=LatentDataset.collate)))
+    assert batch["latents"].shape[0] == 3 and batch["label"] == [None] * 3 and len(batch["key"]) == 3
 
 
 # ------------------------------------------------------------------------- buckets

@@ -104,8 +104,8 @@ class LatentDataset(Dataset):
         if self.has_flip:
             item["flipped"] = flipped
         for field, name in (("labels", "label"), ("captions", "caption"), ("metas", "meta")):
-            if field in shard:  # conditioning, where the job found some (None for rows without)
-                item[name] = shard[field][row]
+            # conditioning where the job found some; None for rows (or datasets) without
+            item[name] = shard[field][row] if field in shard else None
         suffix = "_flip" if flipped else ""
         if "latents" in shard["tensors"]:
             item["latents"] = f.get_slice(f"latents{suffix}")[row : row + 1][0].float()
@@ -115,6 +115,14 @@ class LatentDataset(Dataset):
         item.update(mean=mean, std=std)
         item["latents"] = mean + std * torch.randn_like(mean) if self.sample else mean
         return item
+
+    @staticmethod
+    def collate(items: list[dict]) -> dict:
+        """``DataLoader(ds, collate_fn=LatentDataset.collate)``: tensors stacked (one latent shape
+        per batch: see :meth:`bucket_batches`), everything else as lists, ``None`` kept (labels,
+        captions and meta of rows without them, which torch's default collate refuses)."""
+        return {key: torch.stack([it[key] for it in items]) if isinstance(items[0][key], torch.Tensor)
+                else [it[key] for it in items] for key in items[0]}
 
     def bucket_batches(self, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1):
         """A batch sampler of one latent shape (bucket) per batch, shuffled per epoch
