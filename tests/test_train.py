@@ -106,3 +106,16 @@ def test_unusable_validation_files_are_reported(tmp_path, image_folder, capsys):
                      "data.val_crop=32", "loss.disc_weight=0")) == 0
     printed = capsys.readouterr().out
     assert "validation skipped:" in printed and "broken.png" in printed
+
+
+def test_a_short_run_shows_validates_and_says_why_it_stopped(tmp_path, image_folder, capsys):
+    out = tmp_path / "run"
+    short = ("max_steps=3", "image_every=500", "val_every=500", f"data.val={image_folder}", "data.val_images=2",
+             "data.val_crop=32", "loss.perceptual_weight=0", "loss.disc_weight=0")
+    assert main(args(out, image_folder, *short)) == 0
+    said = capsys.readouterr().out
+    assert "validation: " in said and "step 3 (max_steps 3 reached)" in said
+    assert sorted(p.name for p in (out / "samples").glob("train_*.png")) == ["train_00000003.png"]  # the last step
+    assert sorted(p.name for p in (out / "samples").glob("val_*.png")) == ["val_00000003.png"]  # once, at the end
+    assert main(args(out, image_folder, *short, "resume=true")) == 0
+    assert "nothing left to do: the run is at max_steps 3" in capsys.readouterr().out

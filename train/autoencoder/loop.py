@@ -233,11 +233,13 @@ def after_step(run: Run, dataset, validation: Validation, progress, logs: dict, 
     run.state.step += 1
     progress.update(1)
     log_step(run, logs, progress)
-    if run.is_main and cfg.image_every and run.state.step % cfg.image_every == 0:
-        show_reconstructions(run, x, recon)
-    if run.is_main and validation and cfg.val_every and run.state.step % cfg.val_every == 0:
-        validation()
     stop = run.state.step >= cfg.max_steps or over_time
+    run.stopped_by = "max_steps" if run.state.step >= cfg.max_steps else "max_minutes" if over_time else None
+    # The last step always shows reconstructions (finish validates): a short run has something to look at.
+    if run.is_main and cfg.image_every and (run.state.step % cfg.image_every == 0 or stop):
+        show_reconstructions(run, x, recon)
+    if run.is_main and validation and cfg.val_every and run.state.step % cfg.val_every == 0 and not stop:
+        validation()
     interrupted = signal_name if signal_name and not stop else None  # a run that just finished simply finishes
     if interrupted or (run.state.step % cfg.checkpoint_every == 0 and not stop):
         save_checkpoint(run, dataset)
@@ -258,7 +260,11 @@ def finish(run: Run, dataset: Dataset, validation: Validation) -> Path:
             listing = "".join(f"{f}\t{r}\n" for f, r in sorted(run.state.skipped.items()))
             (run.out / "skipped_files.tsv").write_text(listing)
             print(f"skipped {len(run.state.skipped)} unusable input(s); listed in {run.out / 'skipped_files.tsv'}")
-        print(f"step {run.state.step}: checkpoint {final}, codec {codec_dir}")
+        cfg = run.cfg
+        why = {"max_steps": f"max_steps {cfg.max_steps} reached",
+               "max_minutes": f"max_minutes {cfg.max_minutes:g} reached; rerun with --set resume=true to go on"
+               }.get(run.stopped_by, f"nothing left to do: the run is at max_steps {cfg.max_steps}")
+        print(f"step {run.state.step} ({why}): checkpoint {final}, codec {codec_dir}")
     run.accelerator.end_training()
     return codec_dir
 

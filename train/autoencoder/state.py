@@ -48,6 +48,7 @@ class Run:
     state: TrainState = field(default_factory=TrainState)
     guard: NonFiniteGuard | None = None
     out: Path = Path(".")
+    stopped_by: str | None = None  # "max_steps" or "max_minutes" once the last step is done
 
     @property
     def ckpt_dir(self) -> Path:
