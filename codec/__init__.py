@@ -1,8 +1,28 @@
-"""vae-codec: kl-f8 autoencoders as diffusers-compatible image <-> latent codecs."""
+"""vae-codec: kl-f8 autoencoders as diffusers-compatible image <-> latent codecs.
 
-from codec.codec import Codec
-from codec.images import ImageLoadError, load_image
-from codec.latents.dataset import LatentDataset
-from codec.models import PRESETS, build_autoencoder
+The public names are imported when first used (``from codec import Codec``), so that commands
+which never touch a model (``vae-codec --help``, ``python -m train --help-config``) start without
+loading torch and diffusers.
+"""
 
-__all__ = ["Codec", "ImageLoadError", "LatentDataset", "PRESETS", "build_autoencoder", "load_image"]
+import importlib
+
+_PUBLIC = {
+    "Codec": "codec.codec",
+    "ImageLoadError": "codec.images",
+    "load_image": "codec.images",
+    "LatentDataset": "codec.latents.dataset",
+    "PRESETS": "codec.models",
+    "build_autoencoder": "codec.models",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'codec' has no attribute {name!r}")
+    return getattr(importlib.import_module(_PUBLIC[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

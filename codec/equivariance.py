@@ -26,8 +26,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-TRANSFORMS = ("down2", "down4", "rot90", "rot180", "rot270")
-DEFAULT_TRANSFORMS = ["down2", "down4", "rot90"]
+from codec.choices import DEFAULT_TRANSFORMS, TRANSFORMS  # noqa: F401  (re-exported)
+
 HIGH_FREQUENCY = 0.5  # of Nyquist: the band counted as "highest frequencies"
 
 

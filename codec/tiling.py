@@ -36,13 +36,13 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
 from codec import streaming
+from codec.choices import DEFAULT_TILE_METHOD as DEFAULT_METHOD
+from codec.choices import TILE_METHODS as METHODS
 from codec.groupnorm import TileNorms
 from codec.io import is_autoencoder_tiny
 from codec.memory import available_host_bytes
 
 DOWNSAMPLE = 8
-METHODS = ("exact", "stats", "blend")
-DEFAULT_METHOD = "exact"
 HOST_MEMORY_FRACTION = 0.5  # of the available host memory, for the exact path's activations
 # Largest relative residual (a mean's error in standard deviations, or a variance's as a
 # fraction) between the statistics the output pass normalised with and those it then measured,

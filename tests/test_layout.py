@@ -166,3 +166,26 @@ def test_the_trainers_entry_points_and_public_names_keep_working():
         out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO)
         assert out.returncode == 0 and "usage" in out.stdout.lower(), (module, out.stderr[-400:])
     from train.ldm import LatentStream, main, sample_latents, train_ldm  # noqa: F401  (README's names)
+
+
+def test_help_and_argument_errors_load_no_model_library():
+    """`vae-codec --help`, a mistyped argument and `python -m train --help-config` answer without
+    importing torch or diffusers (they took seconds before the imports moved into the commands)."""
+    probe = ("import sys, runpy\n"
+             "sys.argv = ARGV\n"
+             "try:\n    runpy.run_module(MODULE, run_name='__main__')\n"
+             "except SystemExit:\n    pass\n"
+             "print('HEAVY', sorted(m for m in ('torch', 'diffusers', 'accelerate') if m in sys.modules))\n")
+    for module, argv in (("codec.cli.parser", ["vae-codec", "--help"]), ("codec.cli.parser", ["vae-codec", "encode"]),
+                         ("train", ["train", "--help-config"]), ("train.ldm", ["train.ldm", "--help"])):
+        code = probe.replace("ARGV", repr(argv)).replace("MODULE", repr(module))
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+        assert "HEAVY []" in out.stdout, (module, argv, out.stdout[-300:], out.stderr[-300:])
+
+
+def test_the_cli_choices_are_the_implementations():
+    from codec import choices, equivariance, tiling
+    from codec.latents import shards
+
+    assert tiling.METHODS == choices.TILE_METHODS and set(shards.LATENT_DTYPES) == set(choices.LATENT_DTYPE_NAMES)
+    assert set(equivariance.TRANSFORMS) == set(choices.TRANSFORMS) and shards.STORES == choices.STORES

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from codec.launch import relaunch_if_needed
-from train.autoencoder.config import config_parser, load_config, validate
+from train.autoencoder.config import TrainConfig, config_parser, load_config, validate
 
 
 def main(argv: list[str] | None = None, module: str = "train",
@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None, module: str = "train",
          example: str = "--set optim.lr=2e-4 --set data.train=/data/images", forced: tuple[str, ...] = ()) -> int:
     """``forced``: overrides applied after the config file and every ``--set`` (``train.distill``
     forces its model kind this way)."""
-    parser = config_parser(module, description, "configs/*.yaml", example)
+    parser = config_parser(module, description, "configs/*.yaml", example, TrainConfig)
     args = parser.parse_args(argv)
     relaunched = relaunch_if_needed(module, sys.argv[1:] if argv is None else argv)
     if relaunched is not None:

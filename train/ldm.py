@@ -7,12 +7,12 @@ import sys
 
 from codec.launch import relaunch_if_needed
 from train.common.config import config_parser
-from train.diffusion.config import load_ldm_config, validate_ldm
+from train.diffusion.config import LDMConfig, load_ldm_config, validate_ldm
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = config_parser("train.ldm", "Train a latent diffusion UNet (DDPM) on latents made by `vae-codec compress`.",
-                           "configs/ldm-*.yaml", "--set data.latents=/data/latents")
+                           "configs/ldm-*.yaml", "--set data.latents=/data/latents", LDMConfig)
     args = parser.parse_args(argv)
     relaunched = relaunch_if_needed("train.ldm", sys.argv[1:] if argv is None else argv)
     if relaunched is not None:

@@ -6,17 +6,12 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from codec.cli.options import codec_args, tile_args
-from codec.codec import DOWNSAMPLE, Codec, ImageSizeError
-from codec.factors import normalisation_of
-from codec.images import load_image, pil_to_tensor, save_image
-from codec.latent_space import check as check_space
-from codec.latents.scale import apply_factors, check_rescalable, measure_images, measuring_resolution
-from codec.latents_file import read_latents, save_latents
-from codec.single_file import is_single_file, save_single_file, ui_incompatibility
+
+if TYPE_CHECKING:
+    from codec.codec import Codec
 
 
 def register(sub) -> None:
@@ -62,6 +57,8 @@ def register(sub) -> None:
 # ------------------------------------------------------------------------- export
 def find_codec_folder(source: Path) -> Path:
     """A training run, one checkpoint, or a codec folder -> the diffusers folder to export."""
+    from codec.single_file import is_single_file
+
     if (source / "config.json").exists() or is_single_file(source):
         return source  # already a codec folder or a single-file checkpoint
     if (source / "codec" / "config.json").exists() and (source / "COMPLETE").exists():
@@ -78,6 +75,11 @@ def find_codec_folder(source: Path) -> Path:
 
 
 def cmd_export(args) -> int:
+    from codec.codec import Codec
+    from codec.factors import normalisation_of
+    from codec.latents.scale import apply_factors, check_rescalable, measure_images, measuring_resolution
+    from codec.single_file import save_single_file, ui_incompatibility
+
     src = find_codec_folder(Path(args.source))
     out = Path(args.output)
     single = args.format == "single-file"
@@ -113,6 +115,8 @@ def cmd_export(args) -> int:
 
 # ------------------------------------------------------------------------- encode / decode
 def _codec(args) -> Codec:
+    from codec.codec import Codec
+
     return Codec.from_pretrained(
         args.codec, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
         tile_size=args.tile_size, tile_overlap=args.tile_overlap, tile_method=args.tile_method,
@@ -121,6 +125,12 @@ def _codec(args) -> Codec:
 
 
 def cmd_encode(args) -> int:
+    import torch
+
+    from codec.codec import DOWNSAMPLE, ImageSizeError
+    from codec.images import load_image, pil_to_tensor
+    from codec.latents_file import save_latents
+
     codec = _codec(args)
     image = pil_to_tensor(load_image(args.image))[None]
     h, w = image.shape[-2:]
@@ -137,6 +147,10 @@ def cmd_encode(args) -> int:
 
 
 def cmd_decode(args) -> int:
+    from codec.images import save_image
+    from codec.latent_space import check as check_space
+    from codec.latents_file import read_latents
+
     codec = _codec(args)
     found = read_latents(args.latents)
     warning = check_space(found.space, codec.latent_space, f"the latents in {args.latents}", force=args.force)

@@ -3,11 +3,8 @@
 
 from __future__ import annotations
 
-from codec.baseline.arrays import is_array_source
+from codec.choices import DEFAULT_TRANSFORMS, TRANSFORMS
 from codec.cli.options import memory_arg, source_args
-from codec.equivariance import DEFAULT_TRANSFORMS, TRANSFORMS
-from codec.evaluation.evaluate import evaluate, summary_table
-from codec.io import is_mlp_vae
 
 
 def register(sub) -> None:
@@ -44,6 +41,10 @@ def register(sub) -> None:
 
 
 def cmd_eval(args) -> int:
+    from codec.baseline.arrays import is_array_source
+    from codec.evaluation.evaluate import evaluate, summary_table
+    from codec.io import is_mlp_vae
+
     if any(is_mlp_vae(c) for c in args.codec) or is_array_source(args.data):
         from codec.baseline.evaluate import evaluate_vae, summary
 

@@ -13,26 +13,42 @@ shared); latents are unscaled z here (the prior is on z, before ``scaling_factor
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
-from PIL import Image
+if TYPE_CHECKING:
+    import torch
 
-from codec.images import load_image, make_grid_image, pil_to_tensor
-from codec.io import is_mlp_vae
-from codec.models import load_autoencoder
+
+def _no_grad(fn):
+    """``torch.no_grad()`` as a decorator that imports torch only when the command runs."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def _model(args):
+    import torch
+
+    from codec.models import load_autoencoder
+
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return load_autoencoder(args.codec).to(dev).eval().requires_grad_(False), dev
 
 
-@torch.no_grad()
+@_no_grad
 def sample_prior(model, num: int, generator: torch.Generator, size: int | None = None, labels=None,
                  temperature: float = 1.0) -> torch.Tensor:
     """``num`` decoded prior samples, (num, C, H, W) in [-1, 1]."""
+    import torch
+
+    from codec.io import is_mlp_vae
+
     dev = next(model.parameters()).device
     if is_mlp_vae(model):
         if size is not None:
@@ -54,6 +70,12 @@ def sample_prior(model, num: int, generator: torch.Generator, size: int | None =
 
 def _load_for(model, path: str, like: torch.Tensor | None = None) -> torch.Tensor:
     """One image as (1, C, H, W) the model accepts: MLP VAEs get their size (and grey)."""
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from codec.images import load_image, pil_to_tensor
+    from codec.io import is_mlp_vae
+
     img = load_image(path)
     if is_mlp_vae(model):
         s = model.config.image_size
@@ -68,6 +90,9 @@ def _load_for(model, path: str, like: torch.Tensor | None = None) -> torch.Tenso
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     """Spherical interpolation (White 2016): keeps the norm typical of Gaussian samples."""
+    import torch
+
+
     cos = (a.flatten() @ b.flatten() / (a.norm() * b.norm())).clamp(-1, 1)
     omega = torch.arccos(cos)
     if omega.abs() < 1e-6:
@@ -75,10 +100,13 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
 
 
-@torch.no_grad()
+@_no_grad
 def interpolate(model, a: torch.Tensor, b: torch.Tensor, steps: int, spherical: bool = False,
                 labels=None) -> torch.Tensor:
     """Images a, b (1, C, H, W) -> (steps, C, H, W): decoded interpolations of posterior means."""
+    import torch
+
+
     if steps < 2:
         raise ValueError(f"--steps must be >= 2, got {steps}")
     dev = next(model.parameters()).device
@@ -93,6 +121,10 @@ def interpolate(model, a: torch.Tensor, b: torch.Tensor, steps: int, spherical: 
 
 
 def cmd_sample(args) -> int:
+    import torch
+
+    from codec.images import make_grid_image
+
     model, _ = _model(args)
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
@@ -106,6 +138,8 @@ def cmd_sample(args) -> int:
 
 
 def cmd_interpolate(args) -> int:
+    from codec.images import make_grid_image
+
     model, _ = _model(args)
     a = _load_for(model, args.image_a)
     b = _load_for(model, args.image_b, like=a)

@@ -7,16 +7,13 @@ import os
 import sys
 from pathlib import Path
 
+from codec.choices import LATENT_DTYPE_NAMES, STORES
 from codec.cli.options import codec_args, memory_arg, source_args, tile_args
-from codec.codec import Codec
-from codec.latents import shards as sh
-from codec.latents.compress import compress, decompress
-from codec.latents.scale import apply_factors, check_rescalable, measure_images, measuring_resolution
 from codec.launch import relaunch_if_needed
-from codec.sources import list_source
 
 
 def _default_workers() -> int:
+
     return min(4, os.cpu_count() or 1)
 
 
@@ -33,10 +30,10 @@ def register(sub) -> None:
     p.add_argument("--resolution", type=int, default=None,
                    help="resize the short side and centre-crop to this square "
                    "(default: native size, cropped to multiples of 8)")
-    p.add_argument("--store", default="mean", choices=list(sh.STORES),
+    p.add_argument("--store", default="mean", choices=list(STORES),
                    help="posterior mean, one posterior sample, or mean and std "
                    "(fresh samples every epoch)")
-    p.add_argument("--latent-dtype", default="fp16", choices=sorted(sh.LATENT_DTYPES))
+    p.add_argument("--latent-dtype", default="fp16", choices=list(LATENT_DTYPE_NAMES))
     p.add_argument("--shard-size", type=int, default=1000,
                    help="inputs per chunk (one shard per latent shape)")
     p.add_argument("--num-workers", type=int, default=_default_workers(),
@@ -102,6 +99,8 @@ def register(sub) -> None:
 
 
 def cmd_compress(args) -> int:
+    from codec.latents.compress import compress
+
     compress(
         args.codec, args.input, args.output, resolution=args.resolution, store=args.store,
         latent_dtype=args.latent_dtype, shard_size=args.shard_size, batch_size=args.batch_size,
@@ -114,6 +113,9 @@ def cmd_compress(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    from codec.latents import shards as sh
+    from codec.sources import list_source
+
     manifest = sh.load_manifest(args.latents)
     source = args.input or manifest["inputs"]["source"]
     keys = None
@@ -139,6 +141,8 @@ def cmd_verify(args) -> int:
 
 
 def cmd_decompress(args) -> int:
+    from codec.latents.compress import decompress
+
     n = decompress(
         args.latents, args.output, args.codec, args.device, args.dtype, args.batch_size,
         args.tile_size, args.tile_overlap, args.tile_method, max_memory=args.max_memory, force=args.force,
@@ -148,10 +152,15 @@ def cmd_decompress(args) -> int:
 
 
 def _fmt(values) -> str:
+
     return "[" + ", ".join(f"{v:.4f}" for v in values) + "]"
 
 
 def cmd_scale(args) -> int:
+    from codec.codec import Codec
+    from codec.latents import shards as sh
+    from codec.latents.scale import apply_factors, check_rescalable, measure_images, measuring_resolution
+
     if args.shift and args.per_channel:
         raise ValueError("--shift and --per-channel exclude each other (no pipeline applies both)")
     target = Path(args.output or args.codec)
@@ -189,6 +198,7 @@ def cmd_scale(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m codec.compress ARGS`` == ``vae-codec compress ARGS``."""
+
     from codec.cli import main as cli_main
 
     argv = sys.argv[1:] if argv is None else argv

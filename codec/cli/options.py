@@ -3,7 +3,8 @@ import each other)."""
 
 from __future__ import annotations
 
-from codec.tiling import DEFAULT_METHOD, METHODS
+from codec.choices import DEFAULT_TILE_METHOD as DEFAULT_METHOD
+from codec.choices import TILE_METHODS as METHODS
 
 
 def codec_args(p) -> None:

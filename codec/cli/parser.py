@@ -10,7 +10,6 @@ import argparse
 import sys
 
 from codec.cli import coding, evaluation, generate, latents
-from codec.images import ImageLoadError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError, ImageLoadError) as exc:
+    except Exception as exc:
+        from codec.images import ImageLoadError  # late: the parser loads no torch (--help answers at once)
+
+        if not isinstance(exc, (FileNotFoundError, FileExistsError, ValueError, ImageLoadError)):
+            raise
         print(f"vae-codec {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from codec.choices import STORES  # noqa: F401  (re-exported)
 from codec.io import read_json
 from codec.reproducible import safetensors_bytes
 
@@ -41,7 +42,6 @@ PARTS_DIR = "parts"
 TMP_MARK = ".tmp-"
 
 LATENT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-STORES = ("mean", "sample", "mean_std")
 # Per-row conditioning a shard may carry (codec.latents.conditioning): label, caption, meta.
 CONDITIONING_ROWS = ("labels", "captions", "metas")
 

@@ -69,7 +69,7 @@ class DataConfig:
     image_column: str = "image"  # Hugging Face datasets: the column holding the images
     hf_split: str = "train"  # Hugging Face datasets: the split trained on
     # Stream Hugging Face datasets instead of indexing them (URLs and pipe: shards always stream;
-    # see train/streams.py for how streams are split and resumed).
+    # see codec/sources/stream.py for how streams are split and resumed).
     streaming: bool = False
     val: list[str] = field(default_factory=list)  # held-out images for validation
     crop_size: int = 128  # random square crops, a multiple of 8

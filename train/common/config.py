@@ -19,13 +19,57 @@ import yaml
 
 
 # ------------------------------------------------------------------------- the command line
-def config_parser(module: str, description: str, configs: str, example: str) -> argparse.ArgumentParser:
-    """``python -m MODULE [CONFIG] [--set KEY=VALUE ...]``: the parser every trainer shares."""
+def config_parser(module: str, description: str, configs: str, example: str, cls=None) -> argparse.ArgumentParser:
+    """``python -m MODULE [CONFIG] [--set KEY=VALUE ...] [--help-config]``: the parser every
+    trainer shares; ``cls``: the trainer's config dataclass, listed by ``--help-config``."""
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
     parser.add_argument("config", nargs="?", help=f"YAML file overriding the defaults ({configs})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help=f"override one setting, e.g. {example}")
+    if cls is not None:
+        class HelpConfig(argparse.Action):
+            def __call__(self, parser, namespace, values, option_string=None):
+                print(describe_config(cls))
+                parser.exit()
+
+        parser.add_argument("--help-config", nargs=0, action=HelpConfig,
+                            help="list every setting with its default and what it does, then exit")
     return parser
+
+
+def describe_config(cls, prefix: str = "") -> str:
+    """Every key of a config dataclass as ``key = default  # what it does`` (the comment beside or
+    above the field in the source, where there is one), sections in order."""
+    lines = []
+    notes = field_notes(cls)
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            lines.append(describe_config(hint, f"{prefix}{f.name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        note = notes.get(f.name)
+        lines.append(f"{prefix}{f.name} = {yaml.safe_dump(default, default_flow_style=True).strip()}"
+                     .removesuffix("\n...") + (f"  # {note}" if note else ""))
+    return "\n".join(lines)
+
+
+def field_notes(cls) -> dict[str, str]:
+    """The comment of each field of a dataclass: on its line, else the comment lines right above."""
+    import inspect
+    import re
+
+    notes, above = {}, []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("# "))
+            continue
+        match = re.match(r"(\w+):[^#]*?(?:#\s*(.*))?$", stripped)
+        if match and not stripped.startswith(("def ", "class ", "@")):
+            notes[match[1]] = match[2] or " ".join(above) or None
+        above = []
+    return {k: v for k, v in notes.items() if v}
 
 
 # ------------------------------------------------------------------------- loading
