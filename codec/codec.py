@@ -24,7 +24,7 @@ from diffusers import AutoencoderKL
 from codec import single_file
 from codec.factors import scale_latents, unscale_latents
 from codec.images import tensor_to_pil, to_batch
-from codec.io import META_FILE, is_autoencoder_tiny, is_mlp_vae, read_metadata
+from codec.io import META_FILE, is_autoencoder_tiny, is_mlp_vae, read_metadata, readable_by_all
 from codec.latent_space import check as check_space
 from codec.latent_space import encoder_sha256, space_of
 from codec.memory import choose_path, parse_memory
@@ -140,6 +140,7 @@ class Codec:
             (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         self.meta.update(meta or {})
         (path / META_FILE).write_text(json.dumps(self.meta, indent=2, default=str))
+        readable_by_all(path)
         return path
 
     # ------------------------------------------------------------------ factors

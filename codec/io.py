@@ -85,3 +85,14 @@ def is_autoencoder_tiny(source) -> bool:
     if isinstance(source, dict):
         return source.get("_class_name") == TINY_CLASS
     return type(source).__name__ == TINY_CLASS
+
+
+def readable_by_all(folder: str | os.PathLike) -> None:
+    """Give the files under ``folder`` the mode a new file gets (0644 under the usual umask):
+    safetensors' ``save_file`` (diffusers' ``save_pretrained``) creates 0600 weights, which
+    other users of a shared model folder cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~umask)

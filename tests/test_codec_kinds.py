@@ -123,3 +123,20 @@ def test_our_exports_load_without_diffusers_config_warnings(tmp_path, capsys, ca
         Codec.from_pretrained(folder, device="cpu")
         said = capsys.readouterr().err + caplog.text
         assert "are not expected" not in said, (kind, said)
+
+
+def test_exports_and_latents_are_readable_by_other_users(tmp_path, capsys):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        folder = Codec(KINDS["kl-f8"](), device="cpu").save_pretrained(tmp_path / "codec")
+        Image.fromarray(smooth_image(0, 32, 32)).save(tmp_path / "a.png")
+        assert main(["encode", "--codec", str(folder), str(tmp_path / "a.png"), str(tmp_path / "a.safetensors")]) == 0
+        assert main(["export", str(folder), str(tmp_path / "one.safetensors"), "--format", "single-file"]) == 0
+        files = [*folder.iterdir(), tmp_path / "a.safetensors", tmp_path / "one.safetensors"]
+        modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in files}
+        assert set(modes.values()) == {0o644}, modes  # diffusers' weights were 0600
+    finally:
+        os.umask(umask)

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from codec.codec import Codec
 from codec.images import make_grid_image
+from codec.io import readable_by_all
 from train.common import checkpoints as ckpt
 from train.common import session as runs
 from train.common.config import save_config
@@ -207,6 +208,7 @@ def export_pipeline(run: DiffusionRun, folder: Path) -> None:
             # class-conditional: label i is classes[i] (when named); num_classes is the null class
             "num_classes": run.num_classes, "classes": run.data.classes if run.num_classes else None}
     (folder / "vae_codec_ldm.json").write_text(json.dumps(info, indent=2))
+    readable_by_all(folder)
 
 
 def sample_grid(run: DiffusionRun) -> Path:
