@@ -305,6 +305,16 @@ def test_decompress_decodes_every_row_with_the_manifest_codec(
     item = next(it for it in LatentDataset(out) if it["key"] == "img01.jpg")
     expected = codec.decode(item["latents"][None], output_type="pil")[0]
     assert np.array_equal(np.asarray(Image.open(recon / "img01.png")), np.asarray(expected))
+    # A look at a few: --limit N first rows, --keys those inputs; an unknown key is named.
+    assert main(["decompress", str(out), str(tmp_path / "few"), "--limit", "3"]) == 0
+    assert len(list((tmp_path / "few").rglob("*.png"))) == 3
+    assert main(["decompress", str(out), str(tmp_path / "two"), "--keys", "img01.jpg", "sub/img00.png"]) == 0
+    assert sorted(p.relative_to(tmp_path / "two").as_posix() for p in (tmp_path / "two").rglob("*.png")) == [
+        "img01.png", "sub/img00.png"]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "two" / "img01.png")), np.asarray(expected))
+    capsys.readouterr()
+    assert main(["decompress", str(out), str(tmp_path / "none"), "--keys", "nope.jpg"]) == 2
+    assert "no latents for the key(s) ['nope.jpg']" in capsys.readouterr().err
     other = Codec(build_autoencoder("test"), device="cpu")
     other.save_pretrained(tmp_path / "other")
     capsys.readouterr()

@@ -68,6 +68,9 @@ def register(sub) -> None:
                         "is refused")
     p.add_argument("--force", action="store_true", help="decode with a --codec of another latent space "
                    "anyway, with a warning")
+    p.add_argument("--limit", type=int, default=None, help="decode at most this many images (in manifest order)")
+    p.add_argument("--keys", nargs="+", default=None, metavar="KEY",
+                   help="decode only these inputs (their keys, e.g. sub/img01.jpg; see manifest.json)")
     p.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
@@ -146,6 +149,7 @@ def cmd_decompress(args) -> int:
     n = decompress(
         args.latents, args.output, args.codec, args.device, args.dtype, args.batch_size,
         args.tile_size, args.tile_overlap, args.tile_method, max_memory=args.max_memory, force=args.force,
+        limit=args.limit, keys=args.keys,
     )
     print(f"decoded {n} images into {args.output}")
     return 0

@@ -288,28 +288,42 @@ def codec_of_latents(manifest: dict, codec_path=None, force: bool = False, optio
 def decompress(
     latents_dir, output, codec_path=None, device=None, dtype="fp32", batch_size=8,
     tile_size=None, tile_overlap=None, tile_method=None, max_memory=None, force: bool = False,
+    limit: int | None = None, keys: list[str] | None = None,
 ) -> int:
-    """Decode every shard row to ``output/<key>.png`` (the suffix replaced); returns the count."""
+    """Decode shard rows to ``output/<key>.png`` (the suffix replaced): every row, the rows of
+    ``keys`` (an unknown key is an error naming it), at most ``limit`` of them; returns the count."""
     from safetensors import safe_open
 
     out_dir, src = Path(output), Path(latents_dir)
     manifest = sh.load_manifest(src)
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+    if keys is not None:
+        missing = sorted(set(keys) - {k for shard in manifest["shards"] for k in shard["keys"]})
+        if missing:
+            raise ValueError(f"{src}: no latents for the key(s) {missing[:5]}"
+                             + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     codec = codec_of_latents(manifest, codec_path, force=force, device=device, dtype=dtype,
                              batch_size=batch_size, max_memory=max_memory)
     codec.tile_size, codec.tile_overlap = tile_size, tile_overlap
     codec.tile_method = codec.tile_method if tile_method is None else check_method(tile_method)
+    wanted = None if keys is None else set(keys)
     used, count = set(), 0
     for shard in manifest["shards"]:
+        rows = [i for i, k in enumerate(shard["keys"]) if wanted is None or k in wanted]
+        rows = rows[: None if limit is None else limit - count]
+        if not rows:
+            continue
         with safe_open(str(src / shard["file"]), "pt") as f:
-            latents = f.get_tensor("latents" if "latents" in shard["tensors"] else "mean")
+            latents = f.get_tensor("latents" if "latents" in shard["tensors"] else "mean")[rows]
         images = codec.decode(latents.float())
-        for key, image in zip(shard["keys"], images):
+        for key, image in zip([shard["keys"][i] for i in rows], images):
             name = Path(key).with_suffix(".png").as_posix()
             if name in used:  # "a.jpg" and "a.png" both exist: keep both
                 name = key + ".png"
             used.add(name)
             save_image(image, out_dir / name)
             count += 1
+        if limit is not None and count >= limit:
+            break
     return count
-
-
