@@ -124,3 +124,18 @@ def test_hub_ids_are_told_from_local_paths(tmp_path, monkeypatch):
     assert looks_like_hub_id("stabilityai/sd-vae-ft-mse") and looks_like_hub_id("madebyollin/taesd")
     assert not any(looks_like_hub_id(p) for p in ("runs/t1", "runs/t1/codec", "./a/b", "/a/b", "~/a", "a",
                                                   "org/vae.safetensors"))
+
+
+def test_reconstruct_writes_the_image_and_says_how_close(tmp_path, capsys):
+    from codec.evaluation.metrics import psnr
+
+    folder = make_codec(tmp_path)
+    img = tmp_path / "photo.png"
+    Image.fromarray(smooth_image(1, 30, 44)).save(img)
+    assert main(["reconstruct", "--codec", str(folder), str(img), str(tmp_path / "r.png")]) == 2
+    assert "44x30 is not a multiple of 8 pixels; pass --pad" in capsys.readouterr().err
+    assert main(["reconstruct", "--codec", str(folder), "--pad", str(img), str(tmp_path / "r.png")]) == 0
+    said = capsys.readouterr().out
+    x = torch.from_numpy(np.asarray(Image.open(img)).copy()).permute(2, 0, 1)[None] / 127.5 - 1
+    expected = psnr(x, Codec.from_pretrained(folder, device="cpu").reconstruct(x, pad=True).clamp(-1, 1)).item()
+    assert Image.open(tmp_path / "r.png").size == (44, 30) and f"PSNR {expected:.2f} dB" in said

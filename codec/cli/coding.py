@@ -43,6 +43,16 @@ def register(sub) -> None:
     tile_args(p)
     p.set_defaults(func=cmd_encode)
 
+    p = sub.add_parser("reconstruct", help="image -> latents -> image, and how close it came (PSNR, LPIPS)")
+    codec_args(p)
+    p.add_argument("image")
+    p.add_argument("output", help="the reconstruction (.png)")
+    p.add_argument("--pad", action="store_true", help="pad sizes that are not multiples of 8 (cropped back)")
+    p.add_argument("--lpips", choices=["alex", "vgg"], default=None,
+                   help="also LPIPS with this backbone (real ImageNet weights; see README 'Offline LPIPS weights')")
+    tile_args(p)
+    p.set_defaults(func=cmd_reconstruct)
+
     p = sub.add_parser("decode", help="latents (.safetensors) -> image")
     codec_args(p)
     p.add_argument("latents")
@@ -165,4 +175,26 @@ def cmd_decode(args) -> int:
         save_image(picture[None], path)
     shown = str(out) if len(paths) == 1 else f"{paths[0]} ... {paths[-1].name} ({len(paths)} images)"
     print(f"{args.latents} -> {shown} ({image.shape[-1]}x{image.shape[-2]})")
+    return 0
+
+
+def cmd_reconstruct(args) -> int:
+    from codec.codec import DOWNSAMPLE, ImageSizeError
+    from codec.evaluation.metrics import LPIPSMetric, psnr
+    from codec.images import load_image, pil_to_tensor, save_image
+
+    codec = _codec(args)
+    image = pil_to_tensor(load_image(args.image))[None]
+    h, w = image.shape[-2:]
+    try:
+        recon = codec.reconstruct(image, pad=args.pad).clamp(-1, 1)
+    except ImageSizeError as exc:  # said in the command's own words, as encode says it
+        raise ValueError(f"{args.image}: {w}x{h} is not a multiple of {DOWNSAMPLE} pixels; pass --pad or "
+                         "crop/resize it first") from exc
+    save_image(recon, args.output)
+    scores = f"PSNR {psnr(image, recon).item():.2f} dB"
+    if args.lpips:
+        metric = LPIPSMetric(args.lpips, codec.device, max_memory=args.max_memory)
+        scores += f", LPIPS-{args.lpips} {metric(image, recon).item():.4f}"
+    print(f"{args.image} ({w}x{h}) -> {args.output}: {scores}")
     return 0
