@@ -139,3 +139,29 @@ def test_reconstruct_writes_the_image_and_says_how_close(tmp_path, capsys):
     x = torch.from_numpy(np.asarray(Image.open(img)).copy()).permute(2, 0, 1)[None] / 127.5 - 1
     expected = psnr(x, Codec.from_pretrained(folder, device="cpu").reconstruct(x, pad=True).clamp(-1, 1)).item()
     assert Image.open(tmp_path / "r.png").size == (44, 30) and f"PSNR {expected:.2f} dB" in said
+
+
+def test_encode_and_decode_folders_and_globs_record_what_they_skip(tmp_path, capsys):
+    folder = make_codec(tmp_path)
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    for i, name in enumerate(["a.png", "b.jpg", "sub/c.png"]):
+        Image.fromarray(smooth_image(i, 32, 40)).save(photos / name)
+    (photos / "broken.png").write_bytes(b"not an image")
+    assert main(["encode", "--codec", str(folder), str(photos), str(tmp_path / "lat")]) == 0
+    said = capsys.readouterr()
+    assert "4 files -> " in said.out and "3 done, 1 skipped" in said.out and "skipped broken.png" in said.err
+    assert sorted(p.relative_to(tmp_path / "lat").as_posix() for p in (tmp_path / "lat").rglob("*.safetensors")) == [
+        "a.safetensors", "b.safetensors", "sub/c.safetensors"]
+    assert (tmp_path / "lat" / "skipped.tsv").read_text().startswith("broken.png\t")
+    assert main(["decode", "--codec", str(folder), str(tmp_path / "lat"), str(tmp_path / "out")]) == 0
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png")) == [
+        "a.png", "b.png", "sub/c.png"]
+    one = Codec.from_pretrained(folder, device="cpu")
+    x = torch.from_numpy(np.asarray(Image.open(photos / "a.png")).copy()).permute(2, 0, 1)[None] / 127.5 - 1
+    got = torch.from_numpy(np.asarray(Image.open(tmp_path / "out" / "a.png")).copy()).permute(2, 0, 1) / 127.5 - 1
+    assert (got - one.reconstruct(x)[0].clamp(-1, 1)).abs().max() <= 1 / 127.5 + 1e-6
+    assert main(["encode", "--codec", str(folder), str(photos / "*.png"), str(tmp_path / "glob")]) == 0
+    assert sorted(p.name for p in (tmp_path / "glob").iterdir()) == ["a.safetensors", "skipped.tsv"]
+    assert main(["encode", "--codec", str(folder), str(photos / "*.webp"), str(tmp_path / "none")]) == 2
+    assert "matches no" in capsys.readouterr().err

@@ -33,10 +33,10 @@ def register(sub) -> None:
     )
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("encode", help="image -> latents (.safetensors)")
+    p = sub.add_parser("encode", help="image -> latents (.safetensors); a folder or glob -> a folder of them")
     codec_args(p)
-    p.add_argument("image")
-    p.add_argument("output")
+    p.add_argument("image", help="an image, a folder (recursive) or a quoted glob pattern ('photos/*.jpg')")
+    p.add_argument("output", help="the latents file, or a folder (names kept, .safetensors) for several")
     p.add_argument("--sample", action="store_true", help="sample the posterior instead of its mean")
     p.add_argument("--seed", type=int, default=0, help="seed for --sample")
     p.add_argument("--pad", action="store_true", help="pad sizes that are not multiples of 8")
@@ -53,10 +53,10 @@ def register(sub) -> None:
     tile_args(p)
     p.set_defaults(func=cmd_reconstruct)
 
-    p = sub.add_parser("decode", help="latents (.safetensors) -> image")
+    p = sub.add_parser("decode", help="latents (.safetensors) -> image; a folder or glob of them -> a folder")
     codec_args(p)
-    p.add_argument("latents")
-    p.add_argument("output")
+    p.add_argument("latents", help="a latents file, a folder of them (recursive) or a quoted glob pattern")
+    p.add_argument("output", help="the image (.png), or a folder for several")
     p.add_argument("--force", action="store_true", help="decode latents that another codec made (or that "
                    "do not say which codec made them), with a warning, instead of refusing them")
     tile_args(p)
@@ -135,46 +135,104 @@ def _codec(args) -> Codec:
 
 
 def cmd_encode(args) -> int:
+    codec = _codec(args)
+    many = inputs_of(args.image)
+    if many is None:
+        print(encode_one(codec, args, Path(args.image), Path(args.output)))
+        return 0
+    return each(many, Path(args.output), ".safetensors", lambda src, dst: encode_one(codec, args, src, dst), "encoding")
+
+
+def encode_one(codec, args, image_path: Path, output: Path) -> str:
     import torch
 
     from codec.codec import DOWNSAMPLE, ImageSizeError
     from codec.images import load_image, pil_to_tensor
     from codec.latents_file import save_latents
 
-    codec = _codec(args)
-    image = pil_to_tensor(load_image(args.image))[None]
+    image = pil_to_tensor(load_image(image_path))[None]
     h, w = image.shape[-2:]
     gen = torch.Generator().manual_seed(args.seed) if args.sample else None
     try:
         latents = codec.encode(image, sample=args.sample, generator=gen, pad=args.pad)
     except ImageSizeError as exc:  # said in the command's own words
-        raise ValueError(f"{args.image}: {w}x{h} is not a multiple of {DOWNSAMPLE} pixels; pass --pad (reflection "
+        raise ValueError(f"{image_path}: {w}x{h} is not a multiple of {DOWNSAMPLE} pixels; pass --pad (reflection "
                          "padding; decode crops back to the original size) or crop/resize it first") from exc
-    save_latents(args.output, latents, codec.latent_space, size=(h, w), source=args.image, codec=args.codec,
+    save_latents(output, latents, codec.latent_space, size=(h, w), source=image_path, codec=args.codec,
                  sampled=bool(args.sample))
-    print(f"{args.image} ({w}x{h}) -> {args.output} latents {tuple(latents.shape)}")
-    return 0
+    return f"{image_path} ({w}x{h}) -> {output} latents {tuple(latents.shape)}"
 
 
 def cmd_decode(args) -> int:
+    codec = _codec(args)
+    many = inputs_of(args.latents, suffixes=(".safetensors",))
+    if many is None:
+        print(decode_one(codec, args, Path(args.latents), Path(args.output)))
+        return 0
+    return each(many, Path(args.output), ".png", lambda src, dst: decode_one(codec, args, src, dst), "decoding")
+
+
+def decode_one(codec, args, latents_path: Path, output: Path) -> str:
     from codec.images import save_image
     from codec.latent_space import check as check_space
     from codec.latents_file import read_latents
 
-    codec = _codec(args)
-    found = read_latents(args.latents)
-    warning = check_space(found.space, codec.latent_space, f"the latents in {args.latents}", force=args.force)
+    found = read_latents(latents_path)
+    warning = check_space(found.space, codec.latent_space, f"the latents in {latents_path}", force=args.force)
     if warning:
         print(warning, file=sys.stderr)
     image = codec.decode(found.latents, size=found.size)
-    out = Path(args.output)
     # One image per latent: a file holding several gives OUT-000.png, OUT-001.png ...
-    paths = [out] if image.shape[0] == 1 else [out.with_name(f"{out.stem}-{i:03d}{out.suffix}")
-                                               for i in range(image.shape[0])]
+    paths = [output] if image.shape[0] == 1 else [output.with_name(f"{output.stem}-{i:03d}{output.suffix}")
+                                                  for i in range(image.shape[0])]
     for picture, path in zip(image, paths):
         save_image(picture[None], path)
-    shown = str(out) if len(paths) == 1 else f"{paths[0]} ... {paths[-1].name} ({len(paths)} images)"
-    print(f"{args.latents} -> {shown} ({image.shape[-1]}x{image.shape[-2]})")
+    shown = str(output) if len(paths) == 1 else f"{paths[0]} ... {paths[-1].name} ({len(paths)} images)"
+    return f"{latents_path} -> {shown} ({image.shape[-1]}x{image.shape[-2]})"
+
+
+# ------------------------------------------------------------------------- folders and globs
+def inputs_of(source: str, suffixes: tuple[str, ...] | None = None) -> list[tuple[Path, str]] | None:
+    """A folder (recursive) or a glob pattern -> [(file, relative name)], sorted; None for one file.
+    ``suffixes``: the files taken (default: images)."""
+    import glob
+
+    from codec.images import IMAGE_EXTENSIONS
+
+    wanted = suffixes or tuple(IMAGE_EXTENSIONS)
+    if Path(source).is_dir():
+        root = Path(source)
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in wanted and not p.is_dir())
+        return [(p, p.relative_to(root).as_posix()) for p in files]
+    if any(c in source for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).suffix.lower() in wanted)
+        if not files:
+            raise FileNotFoundError(f"{source}: the pattern matches no {'/'.join(wanted)} file")
+        return [(p, p.name) for p in files]
+    return None
+
+
+def each(inputs: list[tuple[Path, str]], out_dir: Path, suffix: str, work, what: str) -> int:
+    """Run ``work(src, dst)`` on every input into ``out_dir`` (names kept, ``suffix`` set), with a
+    progress bar; an input that fails is skipped and recorded (``out_dir/skipped.tsv``), never lost."""
+    from tqdm.auto import tqdm
+
+    from codec.images import ImageLoadError
+
+    if not inputs:
+        raise FileNotFoundError(f"no input files to {what.removesuffix('ing')}e")
+    skipped = []
+    for src, name in tqdm(inputs, desc=what, unit="file"):
+        try:
+            work(src, out_dir / Path(name).with_suffix(suffix))
+        except (ImageLoadError, ValueError, OSError) as exc:
+            skipped.append((name, str(exc)))
+    if skipped:
+        (out_dir / "skipped.tsv").write_text("".join(f"{n}\t{r}\n" for n, r in skipped))
+    print(f"{len(inputs)} files -> {out_dir}: {len(inputs) - len(skipped)} done, {len(skipped)} skipped"
+          + (f" (listed in {out_dir / 'skipped.tsv'})" if skipped else ""))
+    for name, reason in skipped[:10]:
+        print(f"  skipped {name}: {reason}", file=sys.stderr)
     return 0
 
 
