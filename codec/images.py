@@ -202,9 +202,14 @@ def save_image(image: torch.Tensor | Image.Image, path: str | os.PathLike) -> Pa
     return path
 
 
-def make_grid_image(rows: Iterable[torch.Tensor], path: str | os.PathLike) -> Path:
-    """Stack rows of (B, 3, H, W) tensors in [-1, 1] into one grid PNG (one row per tensor)."""
+def make_grid_image(rows: Iterable[torch.Tensor], path: str | os.PathLike,
+                    labels: Sequence[Sequence[str | None]] | None = None) -> Path:
+    """Stack rows of (B, 3, H, W) tensors in [-1, 1] into one grid PNG (one row per tensor).
+
+    ``labels[r][c]``: a short text written on cell (r, c) (an image's name, its PSNR, a class
+    name), on a dark band so it reads on any picture; None or a missing entry writes nothing."""
     import torchvision.utils
+    from PIL import ImageDraw
 
     rows = list(rows)
     nrow = max(r.shape[0] for r in rows)
@@ -212,9 +217,20 @@ def make_grid_image(rows: Iterable[torch.Tensor], path: str | os.PathLike) -> Pa
         torch.cat([r.float().cpu() for r in rows]), nrow=nrow, padding=2, value_range=(-1, 1),
         normalize=True,
     )
+    picture = Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
+    if labels:
+        draw = ImageDraw.Draw(picture)
+        h, w = rows[0].shape[-2:]
+        for r, row_labels in enumerate(labels):
+            for c, text in enumerate(row_labels or []):
+                if text:
+                    x, y = 2 + c * (w + 2), 2 + r * (h + 2)  # make_grid's padding is 2
+                    left, top, right, bottom = draw.textbbox((x + 1, y), str(text))
+                    draw.rectangle((x, y, min(right + 1, x + w - 1), bottom + 1), fill=(0, 0, 0))
+                    draw.text((x + 1, y), str(text), fill=(255, 255, 255))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy()).save(path)
+    picture.save(path)
     return path
 
 

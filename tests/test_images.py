@@ -106,3 +106,21 @@ def test_float_tiffs_are_read_by_their_range(tmp_path, scale):
     Image.fromarray(values, mode="F").save(tmp_path / "float.tif")
     grey = np.asarray(load_image(tmp_path / "float.tif"))[..., 0].astype(int)
     assert abs(grey.min() - 51) <= 1 and abs(grey.max() - 153) <= 1
+
+
+def test_grids_carry_labels_where_asked_and_nothing_elsewhere(tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from codec.images import make_grid_image
+
+    torch.manual_seed(0)
+    rows = [torch.rand(3, 3, 48, 64) * 2 - 1, torch.rand(3, 3, 48, 64) * 2 - 1]
+    plain = np.asarray(Image.open(make_grid_image(rows, tmp_path / "plain.png")))
+    labelled = np.asarray(Image.open(make_grid_image(rows, tmp_path / "l.png", [["cat", None], [None, "31.2 dB"]])))
+    differs = (plain != labelled).any(-1)
+    cell = lambda r, c: differs[2 + r * 50: 2 + r * 50 + 48, 2 + c * 66: 2 + c * 66 + 64]  # noqa: E731
+    assert cell(0, 0)[:14].any() and cell(1, 1)[:14].any()  # the text, on its band at the top of the cell
+    assert not cell(0, 1).any() and not cell(1, 0).any() and not cell(0, 2).any()  # unlabelled cells untouched
+    assert not cell(0, 0)[20:].any()  # below the band the picture is unchanged

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
+from codec.evaluation.metrics import psnr
 from codec.images import make_grid_image
 from codec.models import count_parameters
 from train.autoencoder.config import TrainConfig, validate
@@ -135,9 +136,12 @@ def log_step(run: Run, logs: dict, progress) -> None:
 
 
 def show_reconstructions(run: Run, x: torch.Tensor, recon: torch.Tensor) -> None:
-    shown = run.recipe.shown(run.raw_vae, recon, x)
-    grid = make_grid_image([x[:4].detach(), shown.detach().float()],
-                           run.out / "samples" / f"train_{run.state.step:08d}.png")
+    shown = run.recipe.shown(run.raw_vae, recon, x).detach().float()
+    # PSNR of each shown reconstruction (against the input crop: of the teacher's decoding for a student)
+    label = ([f"{v:.1f} dB" for v in psnr(x[:4].detach().float().cpu(), shown.cpu()).tolist()]
+             if shown.shape == x[:4].shape else None)
+    grid = make_grid_image([x[:4].detach(), shown], run.out / "samples" / f"train_{run.state.step:08d}.png",
+                           [None, label])
     _log_image(run.accelerator, "train/reconstruction", grid, run.state.step)
 
 

@@ -27,6 +27,7 @@ class Validation:
         for entry in used:
             if entry.startswith("skipped: "):  # unusable validation file: say so, never drop it silently
                 print(f"validation {entry}")
+        self.names = [Path(e).name for e in used if not e.startswith("skipped: ")]  # labels of the grid
         self.lpips = LPIPSMetric("alex", run.accelerator.device) if len(self.images) else None
 
     def __bool__(self) -> bool:
@@ -41,7 +42,9 @@ class Validation:
         stats = {f"val/{k}": summarize(v)["mean"] for k, v in per_image.items()}
         run.accelerator.log(stats, step=run.state.step)
         x, y = pairs[0]
-        grid = make_grid_image([x[:8], y[:8]], run.out / "samples" / f"val_{run.state.step:08d}.png")
+        shown = len(x[:8])
+        labels = [self.names[:shown], [f"{v:.1f} dB" for v in per_image["psnr"][:shown]]]  # names; PSNR
+        grid = make_grid_image([x[:8], y[:8]], run.out / "samples" / f"val_{run.state.step:08d}.png", labels)
         _log_image(run.accelerator, "val/reconstruction", grid, run.state.step)
         return stats
 

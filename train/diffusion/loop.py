@@ -226,7 +226,12 @@ def sample_grid(run: DiffusionRun) -> Path:
                                  cfg.guidance_scale)
         run.raw.train()
     images = run.codec.decode(latents)
-    return make_grid_image(images.split(cols), run.out / "samples" / f"{ckpt.checkpoint_name(run.state.step)}.png")
+    names = None  # a conditional model's rows are classes: each row says which
+    if labels is not None:
+        classes = run.data.classes or []
+        names = [[classes[i] if i < len(classes) else f"class {i}"] for i in range(len(labels) // cols)]
+    return make_grid_image(images.split(cols), run.out / "samples" / f"{ckpt.checkpoint_name(run.state.step)}.png",
+                           names)
 
 
 def save_checkpoint(run: DiffusionRun) -> Path:
