@@ -112,3 +112,10 @@ def test_the_issues_values_are_refused_at_load_time(key, value):
 def test_intervals():
     assert within(0, "[0, 1)") and not within(1, "[0, 1)") and not within(0, "(0, inf)")
     assert within(1e9, "(0, inf)") and not within(float("nan"), "(-inf, inf)") and within(1, "[0, 1]")
+
+
+def test_shipped_configs_load_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_config("configs/tiny.yaml", ["data.train=[x]"]).max_steps == load_config("tiny", []).max_steps
+    with pytest.raises(FileNotFoundError, match=r"nope.yaml: no such config file \(shipped configs: \[.*'tiny'"):
+        load_config("nope.yaml", [])

@@ -180,6 +180,10 @@ def test_class_conditional_training_guidance_and_per_class_samples(labelled_late
     assert not torch.equal(cats, dogs)  # the label reaches the model
     unguided = sample_latents(unet, scheduler, 2, 3, gen(), torch.zeros(2, dtype=torch.long), guidance=1.0)
     assert not torch.equal(cats, unguided)
+    # The README's plain call on a class-conditional model: unconditional samples (the null class).
+    plain = sample_latents(unet, scheduler, 2, 3, gen())
+    null = sample_latents(unet, scheduler, 2, 3, gen(), torch.full((2,), 2), guidance=1.0)
+    assert plain.shape == cats.shape and torch.equal(plain, null)
     # Unconditional training of the same latents when asked, and a clear error without labels.
     assert main(args(tmp_path / "uncond", labelled_latents, "max_steps=1", "class_conditional=no")) == 0
     assert UNet2DModel.from_pretrained(tmp_path / "uncond" / "pipeline" / "unet").config.num_class_embeds is None

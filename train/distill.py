@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     return train_main(argv, module="train.distill", forced=("model.kind=autoencoder-tiny",),
                       description="Distil an AutoencoderTiny (TAESD-style) preview codec from an AutoencoderKL "
                                   "teacher.",
-                      example="--set distill.teacher=runs/tiny/codec")
+                      example="--set distill.teacher=runs/t1/codec")
 
 
 if __name__ == "__main__":

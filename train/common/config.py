@@ -78,7 +78,7 @@ def load_config(path: str | Path | None, overrides: list[str], cls):
     (a trainer's top-level config dataclass)."""
     raw: dict = {}
     if path is not None:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        raw = yaml.safe_load(config_file(path).read_text()) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a mapping at the top level")
     for item in overrides:
@@ -87,6 +87,22 @@ def load_config(path: str | Path | None, overrides: list[str], cls):
             raise ValueError(f"--set expects key=value, got {item!r}")
         _assign(raw, key.strip().split("."), yaml.safe_load(value))
     return _build(cls, raw, "")
+
+
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # the repository's configs/
+
+
+def config_file(path: str | Path) -> Path:
+    """``path`` itself, or where it is not a file, the shipped config of that name
+    (``configs/tiny.yaml`` or ``tiny`` from any folder); a clear error listing them otherwise."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    for candidate in (SHIPPED_CONFIGS / path.name, SHIPPED_CONFIGS / f"{path.name}.yaml"):
+        if not path.is_absolute() and candidate.is_file():
+            return candidate
+    shipped = sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+    raise FileNotFoundError(f"{path}: no such config file" + (f" (shipped configs: {shipped})" if shipped else ""))
 
 
 def _assign(tree: dict, keys: list[str], value) -> None:

@@ -47,7 +47,7 @@ def sample_latents(unet, train_scheduler, count: int, steps: int, generator: tor
 
     A class-conditional UNet takes ``labels`` (count,), with classifier-free guidance (Ho &
     Salimans 2022): ``uncond + guidance * (cond - uncond)``, the null class being the last
-    embedding."""
+    embedding. Without ``labels`` it samples unconditionally: every sample takes the null class."""
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
     flow = isinstance(train_scheduler, FlowMatchEulerDiscreteScheduler)
@@ -56,11 +56,17 @@ def sample_latents(unet, train_scheduler, count: int, steps: int, generator: tor
     device = next(unet.parameters()).device
     shape = (count, unet.config.in_channels, *unet.config.sample_size)
     x = torch.randn(shape, generator=generator).to(device)
-    null = None if labels is None else torch.full_like(labels, unet.config.num_class_embeds - 1).to(device)
+    null = None
+    if unet.config.num_class_embeds:  # class-conditional: the last embedding is the null class
+        null = torch.full((count,), unet.config.num_class_embeds - 1, dtype=torch.long, device=device)
+        if labels is None:
+            labels, guidance = null, 1.0  # unconditional samples (the model's own, no guidance)
     for t in scheduler.timesteps:
         model_input = x if flow else scheduler.scale_model_input(x, t)
         if labels is None:
             out = unet(model_input, t.to(device)).sample
+        elif guidance == 1.0:  # no guidance: the conditional prediction alone, one pass
+            out = unet(model_input, t.to(device), class_labels=labels.to(device)).sample
         else:
             both = unet(torch.cat([model_input, model_input]), t.to(device),
                         class_labels=torch.cat([labels.to(device), null])).sample
