@@ -116,10 +116,13 @@ def test_latents_without_side_data_carry_none_and_batch(codec_dir, tmp_path):
     assert compress(codec_dir, tmp_path / "plain", tmp_path / "lat") == 0
     ds = LatentDataset(tmp_path / "lat")
     item = ds[0]
-    # The README's loops read item["caption"] / item["label"]: present, None where absent.
+    # The README's loops read item["caption"] / item["label"]: None where absent ...
     assert (item["label"], item["caption"], item["meta"]) == (None, None, None) and ds.classes is None
+    assert item.get("label") is None and "label" not in item
     batch = next(iter(DataLoader(ds, batch_size=3, collate_fn=LatentDataset.collate)))
     assert batch["latents"].shape[0] == 3 and batch["label"] == [None] * 3 and len(batch["key"]) == 3
+    # ... and torch's default collate still batches such items (it cannot batch None).
+    assert next(iter(DataLoader(ds, batch_size=3)))["latents"].shape[0] == 3
 
 
 # ------------------------------------------------------------------------- buckets

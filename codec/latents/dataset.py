@@ -40,6 +40,19 @@ from torch.utils.data import Dataset
 from codec.latents import shards as sh
 
 
+class LatentItem(dict):
+    """One row: reading ``label``, ``caption`` or ``meta`` of a dataset without them gives None
+    (``item["caption"]`` works on any dataset), while the keys stay absent so that torch's default
+    collate, which cannot batch None, still batches such items."""
+
+    CONDITIONING = ("label", "caption", "meta")
+
+    def __missing__(self, key):
+        if key in self.CONDITIONING:
+            return None
+        raise KeyError(key)
+
+
 class LatentDataset(Dataset):
     def __init__(self, path: str | os.PathLike, sample: bool = True, flip: bool = True):
         """``path``: a folder written by ``vae-codec compress``, or one shard file on its own."""
@@ -96,16 +109,16 @@ class LatentDataset(Dataset):
             raise ValueError("these latents hold no mirrored view; compress with --flip")
         s, row = self.locate(index)
         shard, f = self.shards[s], self._open(s)
-        item = {
+        item = LatentItem({
             "key": shard["keys"][row],
             "original_size": torch.tensor(shard["original_sizes"][row]),
             "crop_top_left": torch.tensor(shard["crops_top_left"][row]),
-        }
+        })
         if self.has_flip:
             item["flipped"] = flipped
         for field, name in (("labels", "label"), ("captions", "caption"), ("metas", "meta")):
-            # conditioning where the job found some; None for rows (or datasets) without
-            item[name] = shard[field][row] if field in shard else None
+            if field in shard:  # conditioning, where the job found some (None for rows without)
+                item[name] = shard[field][row]
         suffix = "_flip" if flipped else ""
         if "latents" in shard["tensors"]:
             item["latents"] = f.get_slice(f"latents{suffix}")[row : row + 1][0].float()
@@ -119,10 +132,11 @@ class LatentDataset(Dataset):
     @staticmethod
     def collate(items: list[dict]) -> dict:
         """``DataLoader(ds, collate_fn=LatentDataset.collate)``: tensors stacked (one latent shape
-        per batch: see :meth:`bucket_batches`), everything else as lists, ``None`` kept (labels,
-        captions and meta of rows without them, which torch's default collate refuses)."""
+        per batch: see :meth:`bucket_batches`), everything else as lists, ``label``, ``caption``
+        and ``meta`` always, None where a row has none (torch's default collate cannot batch None)."""
+        keys = list(items[0]) + [k for k in LatentItem.CONDITIONING if k not in items[0]]
         return {key: torch.stack([it[key] for it in items]) if isinstance(items[0][key], torch.Tensor)
-                else [it[key] for it in items] for key in items[0]}
+                else [it[key] for it in items] for key in keys}
 
     def bucket_batches(self, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1):
         """A batch sampler of one latent shape (bucket) per batch, shuffled per epoch

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 
 from codec.codec import Codec
+from codec.io import is_autoencoder_tiny
 from codec.latents.scale import measure_dataset
 from train.autoencoder.config import save_config, to_dict
 from train.autoencoder.state import Run
@@ -26,7 +27,9 @@ def eval_codec(run: Run) -> Codec:
     # The copy's random initialisation must not advance the training RNG: a run that exports
     # at step N would otherwise diverge from one resumed at step N.
     with torch.random.fork_rng(devices=[]):
-        copy = type(run.raw_vae).from_config(run.raw_vae.config)
+        # (AutoencoderTiny registers a block_out_channels its __init__ does not take: left out, no warning)
+        copy = type(run.raw_vae).from_config({k: v for k, v in run.raw_vae.config.items()
+                                              if not (k == "block_out_channels" and is_autoencoder_tiny(run.raw_vae))})
     with runs.ema_weights(run.ema, run.raw_vae.parameters()):
         copy.load_state_dict({k: v.detach().float().cpu() for k, v in run.raw_vae.state_dict().items()})
     return Codec(copy, device=run.accelerator.device, batch_size=run.cfg.batch_size)
