@@ -139,7 +139,8 @@ def to_batch(images) -> torch.Tensor:
     """Accept the inputs users have and return one (B, 3, H, W) float32 tensor in [-1, 1].
 
     Accepted: a PIL image or a list of them (same size), a uint8 array (H, W, 3) or (B, H, W, 3)
-    or a list of (H, W, 3) arrays, and a float tensor (3, H, W) or (B, 3, H, W) in [-1, 1].
+    or a list of (H, W, 3) arrays, and a float tensor (3, H, W) or (B, 3, H, W) in [-1, 1]
+    ((B, 1, H, W) greyscale: its channel repeated).
     """
     if isinstance(images, Image.Image):
         return pil_to_tensor(images)[None]
@@ -183,8 +184,10 @@ def _tensor_to_batch(t: torch.Tensor) -> torch.Tensor:
         )
     if t.ndim == 3:
         t = t[None]
+    if t.ndim == 4 and t.shape[1] == 1:
+        t = t.expand(-1, 3, -1, -1)  # greyscale (MNIST digits): the RGB image with equal channels
     if t.ndim != 4 or t.shape[1] != 3:
-        raise ValueError(f"tensor images must be (B, 3, H, W), got {tuple(t.shape)}")
+        raise ValueError(f"tensor images must be (B, 3, H, W) (or (B, 1, H, W) greyscale), got {tuple(t.shape)}")
     lo, hi = float(t.min()), float(t.max())
     if lo < -1.001 or hi > 1.001:
         hint = " (looks like [0, 255]: divide by 127.5 and subtract 1)" if hi > 2 else ""

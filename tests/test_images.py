@@ -124,3 +124,12 @@ def test_grids_carry_labels_where_asked_and_nothing_elsewhere(tmp_path):
     assert cell(0, 0)[:14].any() and cell(1, 1)[:14].any()  # the text, on its band at the top of the cell
     assert not cell(0, 1).any() and not cell(1, 0).any() and not cell(0, 2).any()  # unlabelled cells untouched
     assert not cell(0, 0)[20:].any()  # below the band the picture is unchanged
+
+
+def test_greyscale_tensors_are_rgb_images_with_equal_channels():
+    import torch
+
+    from codec.images import to_batch
+
+    grey = torch.rand(2, 1, 8, 8) * 2 - 1
+    assert torch.equal(to_batch(grey), grey.expand(-1, 3, -1, -1))
