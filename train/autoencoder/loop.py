@@ -110,8 +110,7 @@ def optimiser_step(run: Run, logs: dict, nonfinite: bool, disc_on: bool) -> None
         if run.ema is not None and stepped:  # fp16: no EMA step where the scaler skipped the weights' step
             run.ema.step(run.raw_vae.parameters())
     elif run.is_main:
-        tqdm.write(f"step {run.state.step}: non-finite loss, step skipped "
-                   f"({run.guard.in_a_row} in a row, {run.guard.total} in this run)")
+        tqdm.write(run.guard.skipped_message(run.state.step))
     run.opt_g.zero_grad(set_to_none=True)
     if run.opt_d is not None:
         run.opt_d.zero_grad(set_to_none=True)
@@ -264,10 +263,7 @@ def finish(run: Run, dataset: Dataset, validation: Validation) -> Path:
             listing = "".join(f"{f}\t{r}\n" for f, r in sorted(run.state.skipped.items()))
             (run.out / "skipped_files.tsv").write_text(listing)
             print(f"skipped {len(run.state.skipped)} unusable input(s); listed in {run.out / 'skipped_files.tsv'}")
-        cfg = run.cfg
-        why = {"max_steps": f"max_steps {cfg.max_steps} reached",
-               "max_minutes": f"max_minutes {cfg.max_minutes:g} reached; rerun with --set resume=true to go on"
-               }.get(run.stopped_by, f"nothing left to do: the run is at max_steps {cfg.max_steps}")
+        why = runs.stop_reason(run.cfg, run.stopped_by)
         print(f"step {run.state.step} ({why}): checkpoint {final}, codec {codec_dir}")
     run.accelerator.end_training()
     return codec_dir

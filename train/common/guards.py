@@ -42,6 +42,10 @@ class NonFiniteGuard:
             )
         return True
 
+    def skipped_message(self, step: int) -> str:
+        """The line a trainer prints for a skipped step."""
+        return f"step {step}: non-finite loss, step skipped ({self.in_a_row} in a row, {self.total} in this run)"
+
     def state_dict(self) -> dict:
         return {"total": self.total, "in_a_row": self.in_a_row}
 

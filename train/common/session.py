@@ -164,3 +164,12 @@ def flat_scalars(tree: dict, prefix: str = "") -> dict:
         else:
             flat[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
     return flat
+
+
+def stop_reason(cfg, stopped_by: str | None) -> str:
+    """What the last line of a run says about why it stopped (both trainers)."""
+    if stopped_by == "max_steps":
+        return f"max_steps {cfg.max_steps} reached"
+    if stopped_by == "max_minutes":
+        return f"max_minutes {cfg.max_minutes:g} reached; rerun with --set resume=true to go on"
+    return f"nothing left to do: the run is at max_steps {cfg.max_steps}"

@@ -298,8 +298,7 @@ def train_step(run: DiffusionRun, batch, progress, signals: StopSignals, started
         if run.ema is not None and stepped:  # fp16: no EMA step where the scaler skipped the weights' step
             run.ema.step(run.raw.parameters())
     elif run.is_main:
-        tqdm.write(f"step {state.step}: non-finite loss, step skipped "
-                   f"({run.guard.in_a_row} in a row, {run.guard.total} in this run)")
+        tqdm.write(run.guard.skipped_message(state.step))
     run.optimizer.zero_grad(set_to_none=True)
     state.step += 1
     progress.update(1)
@@ -317,9 +316,7 @@ def finish(run: DiffusionRun, stopped_by: str | None) -> Path:
     if run.is_main:
         grid = sample_grid(run)
         runs.publish(final / "pipeline", pipeline_dir)
-        why = {"max_steps": f"max_steps {cfg.max_steps} reached",
-               "max_minutes": f"max_minutes {cfg.max_minutes:g} reached; rerun with --set resume=true to go on"
-               }.get(stopped_by, f"nothing left to do: the run is at max_steps {cfg.max_steps}")
+        why = runs.stop_reason(cfg, stopped_by)
         print(f"step {run.state.step} ({why}): checkpoint {final}, pipeline {pipeline_dir}, samples {grid}")
     run.accelerator.end_training()
     return pipeline_dir
