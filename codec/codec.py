@@ -256,18 +256,24 @@ class Codec:
         self,
         images,
         sample: bool = False,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         pad: bool = False,
     ) -> torch.Tensor:
         """Images -> scaled latents (B, 4, H/8, W/8) ((B, D) for MLPVAE), float32 on the CPU.
 
         Deterministic (the posterior mean) unless ``sample=True``; pass a ``generator`` to make
-        the sample reproducible.
+        the sample reproducible, or one per image (as diffusers takes them) so that each image's
+        sample does not depend on the images batched with it.
         """
         mean, logvar = self.posterior(images, pad=pad)
         z = mean
         if sample:
-            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+            if isinstance(generator, (list, tuple)):
+                if len(generator) != mean.shape[0]:
+                    raise ValueError(f"{len(generator)} generators for {mean.shape[0]} images; pass one per image")
+                noise = torch.stack([torch.randn(mean.shape[1:], generator=g, dtype=mean.dtype) for g in generator])
+            else:
+                noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
             z = mean + torch.exp(0.5 * logvar) * noise
         return scale_latents(z, self.vae.config)
 

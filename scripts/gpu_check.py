@@ -13,7 +13,7 @@ Correctness on the GPU is ``pytest -m gpu`` (tests/test_gpu.py); this script mea
   ``--steps`` is the time per step without start-up, loading and export, so images/s = batch /
   that. Training runs where ``python -m train`` does, on accelerate's device: ``--device`` must be
   that one (``cuda`` for GPU 0; ``CUDA_VISIBLE_DEVICES=N`` picks another). LPIPS weights must be
-  available offline (README "Offline LPIPS weights"), else ``--no-lpips``.
+  available offline (docs/evaluation.md, "Offline LPIPS weights"), else ``--no-lpips``.
 * **codec**: ``Codec.encode`` and ``Codec.decode`` of ``--batch`` random images at ``--size``
   in ``--precision``, timed with CUDA synchronisation after ``--warmup`` untimed batches;
   peak memory is ``torch.cuda.max_memory_allocated`` of each, reset before it.

@@ -165,3 +165,36 @@ def test_encode_and_decode_folders_and_globs_record_what_they_skip(tmp_path, cap
     assert sorted(p.name for p in (tmp_path / "glob").iterdir()) == ["a.safetensors", "skipped.tsv"]
     assert main(["encode", "--codec", str(folder), str(photos / "*.webp"), str(tmp_path / "none")]) == 2
     assert "matches no" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sample", [False, True], ids=["mean", "sample"])
+def test_folders_are_coded_in_batches_with_the_results_of_one_file_at_a_time(tmp_path, monkeypatch, sample):
+    """A folder is encoded and decoded a batch of same-sized files at a time (fewer passes than
+    files), and every file gets what it gets alone, posterior samples included (one generator per
+    image); files of another size, or that fail, do not spoil their neighbours."""
+    folder = make_codec(tmp_path)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    sizes = [(32, 40)] * 5 + [(24, 32)] * 2 + [(32, 40)]
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(smooth_image(i, h, w)).save(photos / f"{i}.png")
+    (photos / "3b.png").write_bytes(b"broken")  # between two images of one size
+    passes = {"encode": 0, "decode": 0}
+    real_posterior, real_decode = Codec.posterior, Codec.decode
+    monkeypatch.setattr(Codec, "posterior", lambda self, *a, **k: (passes.__setitem__("encode", passes["encode"] + 1),
+                                                                    real_posterior(self, *a, **k))[1])
+    monkeypatch.setattr(Codec, "decode", lambda self, *a, **k: (passes.__setitem__("decode", passes["decode"] + 1),
+                                                                real_decode(self, *a, **k))[1])
+    extra = ["--sample", "--seed", "3"] if sample else []
+    assert main(["encode", "--codec", str(folder), "--batch-size", "3", *extra, str(photos), str(tmp_path / "lat")]) == 0
+    # 0 1 2 | 3 | (3b fails) | 4 | 5 6 | 7  -> 5 passes for 8 images
+    assert passes["encode"] == 5
+    assert (tmp_path / "lat" / "skipped.tsv").read_text().startswith("3b.png\t")
+    assert main(["decode", "--codec", str(folder), "--batch-size", "3", str(tmp_path / "lat"), str(tmp_path / "out")]) == 0
+    assert passes["decode"] == 4  # 0 1 2 | 3 4 | 5 6 | 7 (sorted names: 0 1 2 3 4 5 6 7)
+    for i in range(len(sizes)):
+        alone = tmp_path / f"alone{i}.safetensors"
+        assert main(["encode", "--codec", str(folder), *extra, str(photos / f"{i}.png"), str(alone)]) == 0
+        with safe_open(alone, "pt") as a, safe_open(tmp_path / "lat" / f"{i}.safetensors", "pt") as b:
+            torch.testing.assert_close(b.get_tensor("latents"), a.get_tensor("latents"), rtol=0, atol=1e-5)
+        assert Image.open(tmp_path / "out" / f"{i}.png").size == sizes[i][::-1]

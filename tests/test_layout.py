@@ -1,5 +1,5 @@
 """The layout's promises: one home per rule, public names that keep working, imports that point
-one way (README "Layout")."""
+one way (docs/layout.md)."""
 
 import ast
 import json

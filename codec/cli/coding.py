@@ -3,6 +3,8 @@ and back."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import shutil
 import sys
 from pathlib import Path
@@ -49,7 +51,7 @@ def register(sub) -> None:
     p.add_argument("output", help="the reconstruction (.png)")
     p.add_argument("--pad", action="store_true", help="pad sizes that are not multiples of 8 (cropped back)")
     p.add_argument("--lpips", choices=["alex", "vgg"], default=None,
-                   help="also LPIPS with this backbone (real ImageNet weights; see README 'Offline LPIPS weights')")
+                   help="also LPIPS with this backbone (real ImageNet weights; see docs/evaluation.md)")
     tile_args(p)
     p.set_defaults(func=cmd_reconstruct)
 
@@ -135,105 +137,95 @@ def _codec(args) -> Codec:
 
 
 def cmd_encode(args) -> int:
+    from codec.cli.folders import each, inputs_of
+
     codec = _codec(args)
     many = inputs_of(args.image)
     if many is None:
-        print(encode_one(codec, args, Path(args.image), Path(args.output)))
+        loaded = read_image(Path(args.image))
+        print(encode_images(codec, args, [(loaded, Path(args.output))])[0])
         return 0
-    return each(many, Path(args.output), ".safetensors", lambda src, dst: encode_one(codec, args, src, dst), "encoding")
+    return each(many, Path(args.output), ".safetensors", load=read_image, group=lambda loaded: loaded[1].shape,
+                code=lambda batch: encode_images(codec, args, batch), batch_size=args.batch_size, what="encoding")
 
 
-def encode_one(codec, args, image_path: Path, output: Path) -> str:
+def read_image(path: Path):
+    from codec.images import load_image, pil_to_tensor
+
+    return path, pil_to_tensor(load_image(path))[None]
+
+
+def encode_images(codec, args, batch: list) -> list[str]:
+    """Encode ``[((image path, image), latents path), ...]``, images of one size, in one call."""
     import torch
 
     from codec.codec import DOWNSAMPLE, ImageSizeError
-    from codec.images import load_image, pil_to_tensor
     from codec.latents_file import save_latents
 
-    image = pil_to_tensor(load_image(image_path))[None]
-    h, w = image.shape[-2:]
-    gen = torch.Generator().manual_seed(args.seed) if args.sample else None
+    x = torch.cat([image for (_, image), _ in batch])
+    h, w = x.shape[-2:]
+    # One generator per image: an image's sample is the one it gets when encoded alone.
+    gens = [torch.Generator().manual_seed(args.seed) for _ in batch] if args.sample else None
     try:
-        latents = codec.encode(image, sample=args.sample, generator=gen, pad=args.pad)
+        latents = codec.encode(x, sample=args.sample, generator=gens, pad=args.pad)
     except ImageSizeError as exc:  # said in the command's own words
-        raise ValueError(f"{image_path}: {w}x{h} is not a multiple of {DOWNSAMPLE} pixels; pass --pad (reflection "
+        raise ValueError(f"{batch[0][0][0]}: {w}x{h} is not a multiple of {DOWNSAMPLE} pixels; pass --pad (reflection "
                          "padding; decode crops back to the original size) or crop/resize it first") from exc
-    save_latents(output, latents, codec.latent_space, size=(h, w), source=image_path, codec=args.codec,
-                 sampled=bool(args.sample))
-    return f"{image_path} ({w}x{h}) -> {output} latents {tuple(latents.shape)}"
+    said = []
+    for ((path, _), output), z in zip(batch, latents):
+        save_latents(output, z[None], codec.latent_space, size=(h, w), source=path, codec=args.codec,
+                     sampled=bool(args.sample))
+        said.append(f"{path} ({w}x{h}) -> {output} latents {tuple(z[None].shape)}")
+    return said
 
 
 def cmd_decode(args) -> int:
+    from codec.cli.folders import each, inputs_of
+
     codec = _codec(args)
     many = inputs_of(args.latents, suffixes=(".safetensors",))
+    load = functools.partial(read_checked_latents, codec, args.force)
     if many is None:
-        print(decode_one(codec, args, Path(args.latents), Path(args.output)))
+        print(decode_latents(codec, [(load(Path(args.latents)), Path(args.output))])[0])
         return 0
-    return each(many, Path(args.output), ".png", lambda src, dst: decode_one(codec, args, src, dst), "decoding")
+    return each(many, Path(args.output), ".png", load=load, group=lambda found: (found[1].latents.shape[1:],
+                found[1].size), code=lambda batch: decode_latents(codec, batch), batch_size=args.batch_size,
+                what="decoding")
 
 
-def decode_one(codec, args, latents_path: Path, output: Path) -> str:
-    from codec.images import save_image
+def read_checked_latents(codec, force: bool, path: Path):
+    """(path, LatentsFile) of latents in ``codec``'s space (else LatentSpaceMismatch, a ValueError)."""
     from codec.latent_space import check as check_space
     from codec.latents_file import read_latents
 
-    found = read_latents(latents_path)
-    warning = check_space(found.space, codec.latent_space, f"the latents in {latents_path}", force=args.force)
+    found = read_latents(path)
+    warning = check_space(found.space, codec.latent_space, f"the latents in {path}", force=force)
     if warning:
         print(warning, file=sys.stderr)
-    image = codec.decode(found.latents, size=found.size)
-    # One image per latent: a file holding several gives OUT-000.png, OUT-001.png ...
-    paths = [output] if image.shape[0] == 1 else [output.with_name(f"{output.stem}-{i:03d}{output.suffix}")
-                                                  for i in range(image.shape[0])]
-    for picture, path in zip(image, paths):
-        save_image(picture[None], path)
-    shown = str(output) if len(paths) == 1 else f"{paths[0]} ... {paths[-1].name} ({len(paths)} images)"
-    return f"{latents_path} -> {shown} ({image.shape[-1]}x{image.shape[-2]})"
+    if found.latents.ndim in (1, 3):  # one image's latents without the batch dimension
+        found = dataclasses.replace(found, latents=found.latents[None])
+    return path, found
 
 
-# ------------------------------------------------------------------------- folders and globs
-def inputs_of(source: str, suffixes: tuple[str, ...] | None = None) -> list[tuple[Path, str]] | None:
-    """A folder (recursive) or a glob pattern -> [(file, relative name)], sorted; None for one file.
-    ``suffixes``: the files taken (default: images)."""
-    import glob
+def decode_latents(codec, batch: list) -> list[str]:
+    """Decode ``[((latents path, LatentsFile), image path), ...]``, latents of one shape, in one call."""
+    import torch
 
-    from codec.images import IMAGE_EXTENSIONS
+    from codec.images import save_image
 
-    wanted = suffixes or tuple(IMAGE_EXTENSIONS)
-    if Path(source).is_dir():
-        root = Path(source)
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in wanted and not p.is_dir())
-        return [(p, p.relative_to(root).as_posix()) for p in files]
-    if any(c in source for c in "*?["):
-        files = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).suffix.lower() in wanted)
-        if not files:
-            raise FileNotFoundError(f"{source}: the pattern matches no {'/'.join(wanted)} file")
-        return [(p, p.name) for p in files]
-    return None
-
-
-def each(inputs: list[tuple[Path, str]], out_dir: Path, suffix: str, work, what: str) -> int:
-    """Run ``work(src, dst)`` on every input into ``out_dir`` (names kept, ``suffix`` set), with a
-    progress bar; an input that fails is skipped and recorded (``out_dir/skipped.tsv``), never lost."""
-    from tqdm.auto import tqdm
-
-    from codec.images import ImageLoadError
-
-    if not inputs:
-        raise FileNotFoundError(f"no input files to {what.removesuffix('ing')}e")
-    skipped = []
-    for src, name in tqdm(inputs, desc=what, unit="file"):
-        try:
-            work(src, out_dir / Path(name).with_suffix(suffix))
-        except (ImageLoadError, ValueError, OSError) as exc:
-            skipped.append((name, str(exc)))
-    if skipped:
-        (out_dir / "skipped.tsv").write_text("".join(f"{n}\t{r}\n" for n, r in skipped))
-    print(f"{len(inputs)} files -> {out_dir}: {len(inputs) - len(skipped)} done, {len(skipped)} skipped"
-          + (f" (listed in {out_dir / 'skipped.tsv'})" if skipped else ""))
-    for name, reason in skipped[:10]:
-        print(f"  skipped {name}: {reason}", file=sys.stderr)
-    return 0
+    images = codec.decode(torch.cat([found.latents for (_, found), _ in batch]), size=batch[0][0][1].size)
+    said, start = [], 0
+    for (path, found), output in batch:
+        image = images[start:start + found.latents.shape[0]]
+        start += image.shape[0]
+        # One image per latent: a file holding several gives OUT-000.png, OUT-001.png ...
+        paths = [output] if image.shape[0] == 1 else [output.with_name(f"{output.stem}-{i:03d}{output.suffix}")
+                                                      for i in range(image.shape[0])]
+        for picture, where in zip(image, paths):
+            save_image(picture[None], where)
+        shown = str(output) if len(paths) == 1 else f"{paths[0]} ... {paths[-1].name} ({len(paths)} images)"
+        said.append(f"{path} -> {shown} ({image.shape[-1]}x{image.shape[-2]})")
+    return said
 
 
 def cmd_reconstruct(args) -> int:
