@@ -186,11 +186,12 @@ def test_folders_are_coded_in_batches_with_the_results_of_one_file_at_a_time(tmp
     monkeypatch.setattr(Codec, "decode", lambda self, *a, **k: (passes.__setitem__("decode", passes["decode"] + 1),
                                                                 real_decode(self, *a, **k))[1])
     extra = ["--sample", "--seed", "3"] if sample else []
-    assert main(["encode", "--codec", str(folder), "--batch-size", "3", *extra, str(photos), str(tmp_path / "lat")]) == 0
+    lat, out = str(tmp_path / "lat"), str(tmp_path / "out")
+    assert main(["encode", "--codec", str(folder), "--batch-size", "3", *extra, str(photos), lat]) == 0
     # 0 1 2 | 3 | (3b fails) | 4 | 5 6 | 7  -> 5 passes for 8 images
     assert passes["encode"] == 5
     assert (tmp_path / "lat" / "skipped.tsv").read_text().startswith("3b.png\t")
-    assert main(["decode", "--codec", str(folder), "--batch-size", "3", str(tmp_path / "lat"), str(tmp_path / "out")]) == 0
+    assert main(["decode", "--codec", str(folder), "--batch-size", "3", lat, out]) == 0
     assert passes["decode"] == 4  # 0 1 2 | 3 4 | 5 6 | 7 (sorted names: 0 1 2 3 4 5 6 7)
     for i in range(len(sizes)):
         alone = tmp_path / f"alone{i}.safetensors"

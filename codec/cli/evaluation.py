@@ -27,6 +27,9 @@ def register(sub) -> None:
     p.add_argument("--worst", type=int, default=4, help="how many worst images (by PSNR) to show")
     p.add_argument("--crop", type=int, default=128, help="side of the picture crops, in pixels")
     p.add_argument("--no-classical", action="store_true", help="leave out the JPEG and WebP references")
+    p.add_argument("--protocol", default="full", type=protocol_value, metavar="full|SIDE",
+                   help="full: every image at full resolution (default); 256: the published protocol (short side "
+                        "resized to 256, centre crop 256x256), the one rFID tables use")
     p.add_argument("--transforms", default=",".join(DEFAULT_TRANSFORMS),
                    help="comma-separated transforms of the latent-space measures (equivariance error; "
                         f"from {', '.join(TRANSFORMS)}), or 'none' to leave the measures out")
@@ -40,6 +43,18 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def protocol_value(text: str) -> int | None:
+    """--protocol: 'full' or a square side in pixels, a multiple of 8."""
+    import argparse
+
+    if text == "full":
+        return None
+    if not text.isdigit() or int(text) < 8 or int(text) % 8:
+        raise argparse.ArgumentTypeError(f"{text!r}: use 'full' or a side in pixels that is a multiple of 8, "
+                                         "e.g. 256 (the published protocol)")
+    return int(text)
+
+
 def cmd_eval(args) -> int:
     from codec.baseline.arrays import is_array_source
     from codec.evaluation.evaluate import evaluate, summary_table
@@ -50,6 +65,8 @@ def cmd_eval(args) -> int:
 
         if len(args.codec) != 1:
             raise ValueError("MLP VAE evaluation takes one --codec")
+        if args.protocol is not None:
+            raise ValueError("--protocol applies to image codecs; an MLP VAE is evaluated at its own size")
         report = evaluate_vae(args.codec[0], args.data, args.out,
                               nll_samples=5000 if args.nll_samples is None else args.nll_samples,
                               limit=args.limit, binarize_mode=args.binarize or "auto", seed=args.seed or 0,
@@ -63,7 +80,7 @@ def cmd_eval(args) -> int:
     report = evaluate(args.codec, args.data, args.out, device=args.device, dtype=args.dtype,
                       limit=args.limit, worst=args.worst, crop_size=args.crop,
                       classical=not args.no_classical, image_column=args.image_column, split=args.split,
-                      streaming=args.streaming, max_memory=args.max_memory,
+                      streaming=args.streaming, max_memory=args.max_memory, protocol=args.protocol,
                       transforms=[] if args.transforms == "none" else args.transforms.split(","))
     print(summary_table(report))
     for notice in report["notices"]:

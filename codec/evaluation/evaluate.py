@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from codec.equivariance import DEFAULT_TRANSFORMS, LatentMeasures, check_transforms
 from codec.evaluation.cost import PeakMemory
-from codec.evaluation.fid import make_rfid
+from codec.evaluation.fid import FID_RELIABLE_FROM, make_rfid
 from codec.evaluation.figures import (
     HEATMAP_MAX,
     crop,
@@ -50,10 +50,30 @@ from codec.sources import Input, list_source, read_input
 
 
 # ------------------------------------------------------------------------- the evaluation
-def _load(item: Input) -> tuple[torch.Tensor, tuple[int, int]]:
-    """(1, 3, H, W) centre-cropped to multiples of 8, and the size as stored."""
-    x = pil_to_tensor(read_input(item))[None]
-    return center_crop_multiple(x), tuple(x.shape[-2:])
+def check_protocol(protocol: int | None) -> None:
+    if protocol is not None and (protocol < 8 or protocol % 8):
+        raise ValueError(f"--protocol must be 'full' or a side in pixels that is a multiple of 8 (256 is the "
+                         f"published one), got {protocol}")
+
+
+def describe_protocol(protocol: int | None) -> str:
+    if protocol is None:
+        return "full resolution (sides centre-cropped to multiples of 8)"
+    return (f"{protocol}: short side resized to {protocol} (torchvision Resize, bilinear, antialiased), "
+            f"centre crop {protocol}x{protocol}, as published rFID tables")
+
+
+def _load(item: Input, protocol: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(1, 3, H, W) as evaluated (``protocol``: resized and centre-cropped to that square, as the
+    published tables do; else centre-cropped to multiples of 8), and the size as stored."""
+    image = read_input(item)
+    stored = (image.height, image.width)
+    if protocol is not None:
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as TF
+
+        image = TF.center_crop(TF.resize(image, protocol, InterpolationMode.BILINEAR, antialias=True), protocol)
+    return center_crop_multiple(pil_to_tensor(image)[None]), stored
 
 
 def _labels(paths: list[str]) -> list[str]:
@@ -70,12 +90,14 @@ def evaluate(codecs: list[str], data: str, out: str, device: str | None = None,
              dtype: str = "fp32", limit: int = 0, worst: int = 4, crop_size: int = 128,
              classical: bool = True, transforms: list[str] | None = DEFAULT_TRANSFORMS,
              image_column: str = "image", split: str = "train", streaming: bool = False,
-             max_memory: int | str | None = None) -> dict:
+             max_memory: int | str | None = None, protocol: int | None = None) -> dict:
     """Evaluate ``codecs`` (+ JPEG/WebP) on ``data``; write everything to ``out``; return the
     report (what ``metrics.json`` holds). ``transforms``: those of the equivariance measures
-    (empty or None: no latent-space measures)."""
+    (empty or None: no latent-space measures). ``protocol``: None for full resolution, or the
+    side of the published protocol's square (256)."""
     if worst < 0 or crop_size < 8:
         raise ValueError(f"--worst must be >= 0 and --crop >= 8, got {worst} and {crop_size}")
+    check_protocol(protocol)
     check_transforms(transforms or [], where="--transforms")
     skipped: list[str] = []
     problems: list[dict] = []  # shards of a stream that could not be read to their end
@@ -87,20 +109,28 @@ def evaluate(codecs: list[str], data: str, out: str, device: str | None = None,
     dev = learned[0].device
     budget = parse_memory(max_memory)
     lpips = {"alex": LPIPSMetric("alex", dev, budget), "vgg": LPIPSMetric("vgg", dev, budget)}
-    rfid, rfid_notice = make_rfid(dev)
-    notices = [rfid_notice] if rfid_notice else []
-
+    notices = []
     good, cropped = [], 0
     for path in files:  # first pass: which files load (and their sizes), before any codec runs
         try:
-            x, stored = _load(path)
+            x, stored = _load(path, protocol)
         except ImageLoadError as exc:
             skipped.append(str(exc))
             continue
         good.append((path, tuple(x.shape[-2:])))
-        cropped += stored != tuple(x.shape[-2:])
+        cropped += protocol is None and stored != tuple(x.shape[-2:])
     if not good:
         raise ValueError(f"no readable images in {data} ({len(skipped)} skipped)")
+    rfid = None
+    if len(good) < 2:
+        notices.append(f"rFID and KID need at least 2 images, there is {len(good)}; left out (the other "
+                       "metrics are kept)")
+    else:
+        rfid, rfid_notice = make_rfid(dev)
+        notices += [rfid_notice] if rfid_notice else []
+        if rfid is not None and len(good) < FID_RELIABLE_FROM:
+            notices.append(f"rFID rests on {len(good)} images: under {FID_RELIABLE_FROM} FID is biased upward "
+                           "and not comparable with published values (those use 50 000); KID is unbiased")
     if cropped:
         notices.append(f"{cropped} image(s) centre-cropped to multiples of 8 px "
                        "(every codec sees the same crop)")
@@ -117,7 +147,7 @@ def evaluate(codecs: list[str], data: str, out: str, device: str | None = None,
     while i < len(subjects):  # grows: the classical references join after the first codec
         name, subject = subjects[i]
         res = _run_subject(subject, good, lpips, rfid, crop_size,
-                           None if i == 0 else {j: windows[j] for j in picks}, transforms)
+                           None if i == 0 else {j: windows[j] for j in picks}, transforms, protocol)
         results[name] = res["summary"]
         rows += [{"codec": name, **r} for r in res["rows"]]
         if res["hist"] is not None:
@@ -133,10 +163,9 @@ def evaluate(codecs: list[str], data: str, out: str, device: str | None = None,
             crops[name] = res["crops"]
         i += 1
 
-    if rfid is not None and len(good) < 2:
-        notices.append("rFID needs at least 2 images; left out")
     report = {
         "data": str(data), "images": len(good), "skipped": skipped, "notices": notices,
+        "protocol": describe_protocol(protocol),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": _machine(dev), "primary": names[0],
         "pictures": {"worst_by": f"PSNR of {names[0]}", "crop": crop_size,
@@ -144,7 +173,7 @@ def evaluate(codecs: list[str], data: str, out: str, device: str | None = None,
         "codecs": results,
     }
     out.mkdir(parents=True, exist_ok=True)
-    pictures = _pictures(out, report, good, picks, windows, crops, hists, rows)
+    pictures = _pictures(out, report, good, picks, windows, crops, hists, rows, protocol)
     (out / "metrics.json").write_text(json.dumps(_json_safe(report), indent=2))
     _write_csv(out / "per_image.csv", rows)
     from codec.evaluation.report import render
@@ -153,7 +182,7 @@ def evaluate(codecs: list[str], data: str, out: str, device: str | None = None,
     return report
 
 
-def _run_subject(subject, good, lpips, rfid, crop_size, windows, transforms=None) -> dict:
+def _run_subject(subject, good, lpips, rfid, crop_size, windows, transforms=None, protocol=None) -> dict:
     """One codec over every image: metrics per image, latent statistics, cost, crops.
 
     ``windows`` is None for the first codec (it finds the worst window of every image, and its
@@ -168,7 +197,7 @@ def _run_subject(subject, good, lpips, rfid, crop_size, windows, transforms=None
     timed = pixels = 0
     bpps = []
     for j, (path, (h, w)) in enumerate(tqdm(good, desc=f"eval {subject.path[-40:]}", unit="img")):
-        x, _ = _load(path)
+        x, _ = _load(path, protocol)
         with memory:
             rec = subject(x)
         if j > 0 or len(good) == 1:  # the first call pays one-off set-up costs: a warm-up
@@ -192,7 +221,7 @@ def _run_subject(subject, good, lpips, rfid, crop_size, windows, transforms=None
         bpps.append(rec.bpp)
         rows.append({"file": str(path), "width": w, "height": h, "bpp": rec.bpp,
                      **{k: v[0] for k, v in m.items()}, "quality": rec.extra.get("quality", "")})
-    fid = rfid.compute_and_reset() if rfid is not None and len(good) >= 2 else None
+    fid = rfid.compute_and_reset() if rfid is not None else {"rfid": None, "kid": None, "images": None}
     latents = None
     if stats is not None:
         latents = {**stats.result(), "scaling_factor": subject.scaling_factor,
@@ -203,7 +232,7 @@ def _run_subject(subject, good, lpips, rfid, crop_size, windows, transforms=None
         "path": subject.path, "kind": subject.kind, "learned": subject.learned,
         "bpp": summarize(bpps),
         "metrics": {k: summarize([r[k] for r in rows]) for k in IMAGE_METRICS},
-        "rfid": fid,
+        "rfid": fid["rfid"], "kid": fid["kid"], "rfid_images": fid["images"],
         "latents": latents,
         "cost": {
             "parameters": subject.parameters, "device": str(subject.device),
@@ -221,7 +250,7 @@ def _run_subject(subject, good, lpips, rfid, crop_size, windows, transforms=None
 
 
 # ------------------------------------------------------------------------- outputs
-def _pictures(out, report, good, picks, windows, crops, hists, rows) -> dict:
+def _pictures(out, report, good, picks, windows, crops, hists, rows, protocol=None) -> dict:
     """Write comparison.png and latents_*.png; return the same pictures as data URIs."""
     names = list(report["codecs"])
     primary = report["primary"]
@@ -236,7 +265,7 @@ def _pictures(out, report, good, picks, windows, crops, hists, rows) -> dict:
     for j in picks:
         path = good[j][0]
         original, first = crops[primary][j]
-        thumb = thumbnail_with_box(tensor_to_uint8(_load(path)[0])[0], windows[j], 2 * crop_size)
+        thumb = thumbnail_with_box(tensor_to_uint8(_load(path, protocol)[0])[0], windows[j], 2 * crop_size)
         cells = [{"codec": n, "psnr": psnr[(str(path), n)],
                   "recon": first if n == primary else crops[n][j]} for n in names]
         for c in cells:
@@ -285,11 +314,13 @@ def _machine(device: torch.device) -> str:
 
 def summary_table(report: dict) -> str:
     """The headline figures as a fixed-width text table (what the CLI prints)."""
-    head = ["codec", "bpp", "PSNR", "SSIM", "MS-SSIM", "LPIPS-a", "LPIPS-v", "enc img/s", "dec img/s"]
+    head = ["codec", "bpp", "PSNR", "SSIM", "MS-SSIM", "LPIPS-a", "LPIPS-v", "rFID", "KIDx1e3", "enc img/s",
+            "dec img/s"]
     lines = []
     for name, r in report["codecs"].items():
-        m, c = r["metrics"], r["cost"]
+        m, c, kid = r["metrics"], r["cost"], r.get("kid")
         cells = [name, f"{r['bpp']['mean']:.3f}"] + [f"{m[k]['mean']:.4f}" for k in IMAGE_METRICS] + [
+            "-" if r.get("rfid") is None else f"{r['rfid']:.3f}", "-" if not kid else f"{1e3 * kid['mean']:.3f}"] + [
             "-" if c[k] is None else f"{c[k]:.2f}" for k in ("encode_images_per_s", "decode_images_per_s")]
         lines.append(cells)
     table = _fixed_width(head, lines)

