@@ -86,10 +86,13 @@ def evaluate_vae(codec: str, data: str, out: str, nll_samples: int = 5000, limit
     rec = kl = 0.0
     start = time.monotonic()
     per_image_ll = []
+    # Every sampled figure comes from the seed: the ELBO's one posterior sample per image too
+    # (its own generator, so the importance samples are those of earlier releases).
+    elbo_gen = torch.Generator().manual_seed(seed)
     for s in tqdm(range(0, x.shape[0], batch_size), desc=f"eval (k={nll_samples})", unit="batch"):
         xb = x[s : s + batch_size].to(dev)
         lb = None if cond is None else cond[s : s + batch_size].to(dev)
-        terms = elbo.elbo_terms(model, xb, lb, generator=None)
+        terms = elbo.elbo_terms(model, xb, lb, generator=elbo_gen)
         rec += terms["rec"].sum().item()
         kl += terms["kl"].sum().item()
         if nll_samples:
