@@ -109,6 +109,14 @@ class LatentMeasures:
             mse = float((decoded - apply(name, x).clamp(-1, 1)).double().pow(2).mean()) / 4  # [-1, 1] -> [0, 1]
             self.psnr[name].append(10 * math.log10(1 / mse) if mse > 0 else math.inf)
 
+    def merge(self, other: "LatentMeasures") -> None:
+        """Add what another process's LatentMeasures saw (several-process eval)."""
+        for name in self.transforms:
+            self.error[name] = [a + b for a, b in zip(self.error[name], other.error[name])]
+            self.psnr[name] += other.psnr[name]
+        self.high, self.total = self.high + other.high, self.total + other.total
+        self.too_small += other.too_small
+
     def result(self) -> dict:
         return {
             "transforms": {n: {"latent_error": self.error[n][0] / self.error[n][1] if self.error[n][1] else None,

@@ -1,4 +1,5 @@
-"""Make ``accelerate launch --cpu --num_processes N -m MODULE`` start N processes.
+"""Several processes: make ``accelerate launch --cpu --num_processes N -m MODULE`` start N
+processes, and the state of a job launched with several (:func:`distributed_state`).
 
 accelerate's CPU launcher starts a single process unless given an MPI hostfile, silently
 dropping ``--num_processes``. Entry points (``python -m train``, ``python -m codec.compress``)
@@ -39,7 +40,52 @@ def relaunch_if_needed(module: str, argv: list[str]) -> int | None:
     processes = requested_cpu_processes()
     if processes <= 1:
         return None
-    print(f"starting {processes} CPU processes (torch.distributed.run, gloo backend)", flush=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={processes}", "-m", module, *argv]
+    return start_processes(module, argv, processes)
+
+
+def distributed_state():
+    """accelerate's PartialState when launched with several processes (torchrun, accelerate
+    launch), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    # Imported only here: work on one process must not need (or pay for) accelerate.
+    import torch
+    from accelerate import PartialState
+
+    # Without a GPU, torchrun workers must be told they are CPU (gloo) processes.
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def start_processes(module: str, argv: list[str], processes: int) -> int:
+    """Run ``python -m module argv`` in ``processes`` workers on this machine (one per GPU where
+    there are GPUs, gloo CPU workers otherwise) and return the exit code."""
+    print(f"starting {processes} processes (torch.distributed.run)", flush=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+           "-m", module, *argv]
     return subprocess.call(cmd)
+
+
+class Shares:
+    """This process's share of a job over ``n`` items when launched with several processes (every
+    ``world``-th item from ``rank``), or all of them alone; ``gather`` brings every process's
+    piece to every process, in rank order."""
+
+    def __init__(self):
+        self.state = distributed_state()
+        self.rank, self.world = (self.state.process_index, self.state.num_processes) if self.state else (0, 1)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def mine(self, n: int) -> list[int]:
+        return list(range(self.rank, n, self.world))
+
+    def gather(self, piece) -> list:
+        if self.world == 1:
+            return [piece]
+        import torch.distributed as dist
+
+        pieces = [None] * self.world
+        dist.all_gather_object(pieces, piece)
+        return pieces

@@ -214,3 +214,53 @@ def test_protocol_values_that_make_no_sense(value, tmp_path, codec_folder, capsy
         main(["eval", "--codec", str(codec_folder), "--data", str(tmp_path), "--out", str(tmp_path / "o"),
               "--protocol", value])
     assert_user_error(capsys, exc.value.code, "multiple of 8")
+
+
+def read_rows(path):
+    import csv
+
+    return list(csv.DictReader(open(path)))
+
+
+def test_two_processes_give_the_one_process_result(converted, tmp_path, codec_folder):
+    """--num-processes 2 splits the images over two CPU processes and gathers rows, features and
+    statistics: the same report as one process with the same threads per process."""
+    import os
+
+    _, cache = converted
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(5):
+        Image.fromarray(smooth_image(i, 64, 80)).save(data / f"{i}.png")
+    (data / "broken.png").write_bytes(b"not an image")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VAE_CODEC_CACHE": str(cache)}
+    reports = {}
+    for processes in (1, 2):
+        out = tmp_path / f"out{processes}"
+        r = subprocess.run([sys.executable, "-m", "codec", "eval", "--codec", str(codec_folder), "--data", str(data),
+                            "--out", str(out), "--transforms", "down2", "--worst", "2", "--crop", "32",
+                            "--num-processes", str(processes)], env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-2000:]
+        reports[processes] = json.loads((out / "metrics.json").read_text()), read_rows(out / "per_image.csv")
+        assert r.stdout.count("images; written to") == 1  # one process reports
+    (one, one_rows), (two, two_rows) = reports[1], reports[2]
+    assert two["images"] == one["images"] == 5 and two["skipped"] == one["skipped"] and len(one["skipped"]) == 1
+    assert any("evaluated by 2 processes" in n for n in two["notices"])
+    assert list(two["codecs"]) == list(one["codecs"]) == [str(codec_folder), "jpeg", "webp"]
+    for name, a in one["codecs"].items():
+        b = two["codecs"][name]
+        for metric, values in a["metrics"].items():
+            expected = values["mean"]  # None: MS-SSIM of images too small for it, in both
+            assert b["metrics"][metric]["mean"] == (expected if expected is None else pytest.approx(expected, rel=1e-6))
+        assert b["rfid"] == pytest.approx(a["rfid"], rel=1e-6) and a["rfid"] > 0
+        assert b["kid"]["mean"] == pytest.approx(a["kid"]["mean"], rel=1e-6, abs=1e-9)
+        assert b["bpp"]["mean"] == pytest.approx(a["bpp"]["mean"], rel=1e-9)
+    kl_one, kl_two = one["codecs"][str(codec_folder)]["latents"], two["codecs"][str(codec_folder)]["latents"]
+    assert kl_two["channel_mean"] == pytest.approx(kl_one["channel_mean"], rel=1e-6)
+    assert kl_two["elements_per_channel"] == kl_one["elements_per_channel"]
+    assert kl_two["space"]["transforms"]["down2"]["latent_error"] == pytest.approx(
+        kl_one["space"]["transforms"]["down2"]["latent_error"], rel=1e-6)
+    assert [(r["codec"], r["file"], r["quality"]) for r in two_rows] == [(r["codec"], r["file"], r["quality"])
+                                                                          for r in one_rows]
+    for a, b in zip(one_rows, two_rows):
+        assert float(b["psnr"]) == pytest.approx(float(a["psnr"]), rel=1e-6)

@@ -27,6 +27,9 @@ def register(sub) -> None:
     p.add_argument("--worst", type=int, default=4, help="how many worst images (by PSNR) to show")
     p.add_argument("--crop", type=int, default=128, help="side of the picture crops, in pixels")
     p.add_argument("--no-classical", action="store_true", help="leave out the JPEG and WebP references")
+    p.add_argument("--num-processes", type=int, default=1, metavar="N",
+                   help="split the images over N processes on this machine (one per GPU where there are GPUs, "
+                        "else CPU processes); under torchrun or accelerate launch the launcher's processes are used")
     p.add_argument("--protocol", default="full", type=protocol_value, metavar="full|SIDE",
                    help="full: every image at full resolution (default); 256: the published protocol (short side "
                         "resized to 256, centre crop 256x256), the one rFID tables use")
@@ -43,6 +46,19 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def without_num_processes(argv: list[str]) -> list[str]:
+    """The command line a worker runs: the same, less --num-processes (it is one of them)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--num-processes":
+            skip = True
+        elif not arg.startswith("--num-processes="):
+            out.append(arg)
+    return out
+
+
 def protocol_value(text: str) -> int | None:
     """--protocol: 'full' or a square side in pixels, a multiple of 8."""
     import argparse
@@ -56,6 +72,17 @@ def protocol_value(text: str) -> int | None:
 
 
 def cmd_eval(args) -> int:
+    import os
+
+    from codec.launch import relaunch_if_needed, start_processes
+
+    if args.num_processes < 1:
+        raise ValueError(f"--num-processes must be >= 1, got {args.num_processes}")
+    if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        return start_processes("codec", without_num_processes(args.argv), args.num_processes)
+    code = relaunch_if_needed("codec", args.argv)  # accelerate launch --cpu --num_processes N
+    if code is not None:
+        return code
     from codec.baseline.arrays import is_array_source
     from codec.evaluation.evaluate import evaluate, summary_table
     from codec.io import is_mlp_vae
@@ -65,6 +92,8 @@ def cmd_eval(args) -> int:
 
         if len(args.codec) != 1:
             raise ValueError("MLP VAE evaluation takes one --codec")
+        if "WORLD_SIZE" in os.environ:
+            raise ValueError("an MLP VAE is evaluated in one process (its test set takes seconds)")
         if args.protocol is not None:
             raise ValueError("--protocol applies to image codecs; an MLP VAE is evaluated at its own size")
         report = evaluate_vae(args.codec[0], args.data, args.out,
@@ -82,6 +111,8 @@ def cmd_eval(args) -> int:
                       classical=not args.no_classical, image_column=args.image_column, split=args.split,
                       streaming=args.streaming, max_memory=args.max_memory, protocol=args.protocol,
                       transforms=[] if args.transforms == "none" else args.transforms.split(","))
+    if int(os.environ.get("RANK", "0")):
+        return 0  # the main process reports
     print(summary_table(report))
     for notice in report["notices"]:
         print(f"note: {notice}")

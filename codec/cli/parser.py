@@ -22,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # for commands that start their own worker processes (eval --num-processes)
     try:
         return args.func(args)
     except Exception as exc:

@@ -45,6 +45,7 @@ from codec.evaluation.figures import (
 from codec.evaluation.metrics import IMAGE_METRICS, MS_SSIM_MIN_SIDE, LatentStats, LPIPSMetric, image_metrics, summarize
 from codec.evaluation.references import CLASSICAL_FORMATS, ClassicalCodec, LearnedCodec
 from codec.images import ImageLoadError, center_crop_multiple, pil_to_tensor, tensor_to_uint8
+from codec.launch import Shares
 from codec.memory import parse_memory
 from codec.sources import Input, list_source, read_input
 
@@ -99,6 +100,9 @@ def evaluate(codecs: list[str], data: str, out: str, device: str | None = None,
         raise ValueError(f"--worst must be >= 0 and --crop >= 8, got {worst} and {crop_size}")
     check_protocol(protocol)
     check_transforms(transforms or [], where="--transforms")
+    shares = Shares()  # several processes (torchrun, accelerate launch, --num-processes): images split
+    if shares.state is not None and torch.cuda.is_available() and device in (None, "cuda"):
+        device = str(shares.state.device)  # one GPU per process
     skipped: list[str] = []
     problems: list[dict] = []  # shards of a stream that could not be read to their end
     files = list_source(data, image_column, split, streaming, limit=limit or None, problems=problems)
@@ -110,15 +114,18 @@ def evaluate(codecs: list[str], data: str, out: str, device: str | None = None,
     budget = parse_memory(max_memory)
     lpips = {"alex": LPIPSMetric("alex", dev, budget), "vgg": LPIPSMetric("vgg", dev, budget)}
     notices = []
-    good, cropped = [], 0
-    for path in files:  # first pass: which files load (and their sizes), before any codec runs
+    checked = []
+    for i in shares.mine(len(files)):  # first pass: which files load (and their sizes), before any codec runs
         try:
-            x, stored = _load(path, protocol)
+            x, stored = _load(files[i], protocol)
         except ImageLoadError as exc:
-            skipped.append(str(exc))
+            checked.append((i, None, str(exc)))
             continue
-        good.append((path, tuple(x.shape[-2:])))
-        cropped += protocol is None and stored != tuple(x.shape[-2:])
+        checked.append((i, tuple(x.shape[-2:]), protocol is None and stored != tuple(x.shape[-2:])))
+    checked = sorted(c for piece in shares.gather(checked) for c in piece)
+    skipped += [reason for _, size, reason in checked if size is None]
+    good = [(files[i], size) for i, size, _ in checked if size is not None]
+    cropped = sum(bool(was_cropped) for _, size, was_cropped in checked if size is not None)
     if not good:
         raise ValueError(f"no readable images in {data} ({len(skipped)} skipped)")
     rfid = None
@@ -138,6 +145,8 @@ def evaluate(codecs: list[str], data: str, out: str, device: str | None = None,
     if small:
         notices.append(f"MS-SSIM left out for {small} image(s) under {MS_SSIM_MIN_SIDE} px on a side "
                        "(5 scales of an 11-px window do not fit); its mean uses the others")
+    if shares.world > 1:
+        notices.append(f"evaluated by {shares.world} processes (cost figures are per process)")
 
     subjects = list(zip(names, learned))
     results, hists, crops, rows = {}, {}, {}, []
@@ -146,8 +155,10 @@ def evaluate(codecs: list[str], data: str, out: str, device: str | None = None,
     i = 0
     while i < len(subjects):  # grows: the classical references join after the first codec
         name, subject = subjects[i]
-        res = _run_subject(subject, good, lpips, rfid, crop_size,
-                           None if i == 0 else {j: windows[j] for j in picks}, transforms, protocol)
+        piece = _run_subject(subject, good, shares.mine(len(good)), lpips, rfid, crop_size,
+                             None if i == 0 else {j: windows[j] for j in picks}, transforms, protocol,
+                             progress=shares.is_main)
+        res = _combine(subject, shares.gather(piece), rfid)
         results[name] = res["summary"]
         rows += [{"codec": name, **r} for r in res["rows"]]
         if res["hist"] is not None:
@@ -172,6 +183,8 @@ def evaluate(codecs: list[str], data: str, out: str, device: str | None = None,
                      "heatmap_max": HEATMAP_MAX},
         "codecs": results,
     }
+    if not shares.is_main:
+        return report
     out.mkdir(parents=True, exist_ok=True)
     pictures = _pictures(out, report, good, picks, windows, crops, hists, rows, protocol)
     (out / "metrics.json").write_text(json.dumps(_json_safe(report), indent=2))
@@ -182,46 +195,75 @@ def evaluate(codecs: list[str], data: str, out: str, device: str | None = None,
     return report
 
 
-def _run_subject(subject, good, lpips, rfid, crop_size, windows, transforms=None, protocol=None) -> dict:
-    """One codec over every image: metrics per image, latent statistics, cost, crops.
+def _run_subject(subject, good, mine, lpips, rfid, crop_size, windows, transforms=None, protocol=None,
+                 progress=True) -> dict:
+    """One codec over this process's images (``mine``: indices into ``good``): metrics per image,
+    latent statistics, Inception features, timings, crops. :func:`_combine` joins the pieces of
+    every process.
 
     ``windows`` is None for the first codec (it finds the worst window of every image, and its
     crops are kept as (original, reconstruction) pairs); later codecs get the picked windows
     and keep only their reconstruction crops there.
     """
-    rows, crops, found = [], {}, {}
-    stats = LatentStats() if subject.learned else None
-    space = LatentMeasures(transforms) if subject.learned and transforms else None
+    piece = {"rows": [], "crops": {}, "found": {}, "real": [], "fake": [], "enc_s": 0.0, "dec_s": 0.0,
+             "timed": 0, "pixels": 0,
+             "stats": LatentStats() if subject.learned else None,
+             "space": LatentMeasures(transforms) if subject.learned and transforms else None}
+    take_real = rfid is not None and rfid.real is None
     memory = PeakMemory(subject.device)
-    enc_s = dec_s = 0.0
-    timed = pixels = 0
-    bpps = []
-    for j, (path, (h, w)) in enumerate(tqdm(good, desc=f"eval {subject.path[-40:]}", unit="img")):
+    for k, j in enumerate(tqdm(mine, desc=f"eval {subject.path[-40:]}", unit="img", disable=not progress)):
+        path, (h, w) = good[j]
         x, _ = _load(path, protocol)
         with memory:
             rec = subject(x)
-        if j > 0 or len(good) == 1:  # the first call pays one-off set-up costs: a warm-up
-            enc_s, dec_s = enc_s + rec.encode_s, dec_s + rec.decode_s
-            timed, pixels = timed + 1, pixels + h * w
+        if k > 0 or len(mine) == 1:  # the first call pays one-off set-up costs: a warm-up
+            piece["enc_s"] += rec.encode_s
+            piece["dec_s"] += rec.decode_s
+            piece["timed"] += 1
+            piece["pixels"] += h * w
         m = image_metrics(x, rec.image, lpips["alex"], lpips["vgg"])
-        if stats is not None:
-            stats.update(rec.latents, rec.mean, rec.logvar)
-        if space is not None:
-            space.update(subject.encode_latents, subject.decode_latents, x, rec.latents)
+        if piece["stats"] is not None:
+            piece["stats"].update(rec.latents, rec.mean, rec.logvar)
+        if piece["space"] is not None:
+            piece["space"].update(subject.encode_latents, subject.decode_latents, x, rec.latents)
         if rfid is not None:
-            if not rfid.real_done:
-                rfid.add_real(x)
-            rfid.add_fake(rec.image)
+            if take_real:
+                piece["real"].append((j, rfid.features(x)))
+            piece["fake"].append((j, rfid.features(rec.image)))
         xa, ya = tensor_to_uint8(x)[0], tensor_to_uint8(rec.image)[0]
         if windows is None:
-            found[j] = worst_window(xa, ya, crop_size)
-            crops[j] = (crop(xa, found[j]), crop(ya, found[j]))
+            piece["found"][j] = worst_window(xa, ya, crop_size)
+            piece["crops"][j] = (crop(xa, piece["found"][j]), crop(ya, piece["found"][j]))
         elif j in windows:
-            crops[j] = crop(ya, windows[j])
-        bpps.append(rec.bpp)
-        rows.append({"file": str(path), "width": w, "height": h, "bpp": rec.bpp,
-                     **{k: v[0] for k, v in m.items()}, "quality": rec.extra.get("quality", "")})
-    fid = rfid.compute_and_reset() if rfid is not None else {"rfid": None, "kid": None, "images": None}
+            piece["crops"][j] = crop(ya, windows[j])
+        piece["rows"].append((j, {"file": str(path), "width": w, "height": h, "bpp": rec.bpp,
+                                  **{k: v[0] for k, v in m.items()}, "quality": rec.extra.get("quality", "")}))
+    piece["peak"], piece["method"] = memory.peak_bytes, memory.method
+    return piece
+
+
+def _merged(accumulators):
+    """One LatentStats / LatentMeasures holding what every process's saw (None if none kept any)."""
+    kept = [a for a in accumulators if a is not None]
+    for other in kept[1:]:
+        kept[0].merge(other)
+    return kept[0] if kept else None
+
+
+def _combine(subject, pieces: list[dict], rfid) -> dict:
+    """The pieces of every process (one alone) -> this codec's summary, rows in image order,
+    crops, windows and histogram values."""
+    rows = [row for _, row in sorted((r for p in pieces for r in p["rows"]), key=lambda r: r[0])]
+    ordered = lambda key: torch.cat([f for _, f in sorted((f for p in pieces for f in p[key]),  # noqa: E731
+                                                            key=lambda f: f[0])])
+    fid = {"rfid": None, "kid": None, "images": None}
+    if rfid is not None:
+        if rfid.real is None:
+            rfid.real = ordered("real")
+        fid = rfid.score(ordered("fake"))
+    stats, space = _merged(p["stats"] for p in pieces), _merged(p["space"] for p in pieces)
+    enc_s, dec_s = sum(p["enc_s"] for p in pieces), sum(p["dec_s"] for p in pieces)
+    timed, pixels = sum(p["timed"] for p in pieces), sum(p["pixels"] for p in pieces)
     latents = None
     if stats is not None:
         latents = {**stats.result(), "scaling_factor": subject.scaling_factor,
@@ -230,7 +272,7 @@ def _run_subject(subject, good, lpips, rfid, crop_size, windows, transforms=None
                    "space": space.result() if space is not None else None}
     summary = {
         "path": subject.path, "kind": subject.kind, "learned": subject.learned,
-        "bpp": summarize(bpps),
+        "bpp": summarize([r["bpp"] for r in rows]),
         "metrics": {k: summarize([r[k] for r in rows]) for k in IMAGE_METRICS},
         "rfid": fid["rfid"], "kid": fid["kid"], "rfid_images": fid["images"],
         "latents": latents,
@@ -241,12 +283,14 @@ def _run_subject(subject, good, lpips, rfid, crop_size, windows, transforms=None
             "encode_megapixels_per_s": pixels / 1e6 / enc_s if enc_s > 0 else None,
             "decode_megapixels_per_s": pixels / 1e6 / dec_s if dec_s > 0 else None,
             "timed_images": timed,
-            "peak_memory_mib": memory.peak_bytes / 2**20,
-            "peak_memory_method": memory.method,
+            "peak_memory_mib": max(p["peak"] for p in pieces) / 2**20,
+            "peak_memory_method": pieces[0]["method"],
         },
     }
-    hist = stats.histogram_values() if stats is not None else None
-    return {"summary": summary, "rows": rows, "crops": crops, "windows": found, "hist": hist}
+    return {"summary": summary, "rows": rows,
+            "crops": {j: c for p in pieces for j, c in p["crops"].items()},
+            "windows": {j: w for p in pieces for j, w in p["found"].items()},
+            "hist": stats.histogram_values() if stats is not None else None}
 
 
 # ------------------------------------------------------------------------- outputs

@@ -76,30 +76,22 @@ def kernel_inception_distance(a: torch.Tensor, b: torch.Tensor, seed: int = 0) -
 
 
 class RFID:
-    """The originals' features are taken once; each codec's reconstructions are then scored."""
+    """Inception features of images, and the figures of two sets of them. The originals' features
+    are kept once taken (``real``); each codec's reconstructions are then scored against them."""
 
     def __init__(self, inception, seed: int = 0):
         self.inception = inception
         self.seed = seed
-        self.real: list[torch.Tensor] = []
-        self.fake: list[torch.Tensor] = []
-        self.real_done = False
+        self.real: torch.Tensor | None = None
 
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
-        images = torch.from_numpy(tensor_to_uint8(x)).movedim(-1, 1)  # (B, 3, H, W) uint8, as published
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 2048) float64 features of images in [-1, 1], taken as uint8 as published."""
+        images = torch.from_numpy(tensor_to_uint8(x)).movedim(-1, 1)  # (B, 3, H, W) uint8
         return self.inception(images).double().cpu()
 
-    def add_real(self, x: torch.Tensor) -> None:
-        self.real.append(self._features(x))
-
-    def add_fake(self, y: torch.Tensor) -> None:
-        self.fake.append(self._features(y))
-
-    def compute_and_reset(self) -> dict:
-        """{"rfid", "kid": {...}, "images"}: this codec's figures; its features are then dropped."""
-        real, fake = torch.cat(self.real), torch.cat(self.fake)
-        self.fake, self.real_done = [], True
-        return {"rfid": frechet_distance(real, fake), "kid": kernel_inception_distance(real, fake, self.seed),
+    def score(self, fake: torch.Tensor) -> dict:
+        """{"rfid", "kid": {...}, "images"} of reconstructions' features against :attr:`real`."""
+        return {"rfid": frechet_distance(self.real, fake), "kid": kernel_inception_distance(self.real, fake, self.seed),
                 "images": len(fake)}
 
 

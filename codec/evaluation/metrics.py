@@ -198,6 +198,22 @@ class LatentStats:
             "elements_per_channel": self.count,
         }
 
+    def merge(self, other: "LatentStats") -> None:
+        """Add what another process's LatentStats saw (several-process eval)."""
+        if other.sum is None:
+            return
+        if self.sum is None:
+            self.sum, self.sum_sq = torch.zeros_like(other.sum), torch.zeros_like(other.sum_sq)
+        self.sum += other.sum
+        self.sum_sq += other.sum_sq
+        self.count += other.count
+        self.kl_sum += other.kl_sum
+        self.kl_count += other.kl_count
+        self.samples += other.samples
+
+    def __getstate__(self) -> dict:  # sent between processes: the generator stays behind
+        return {k: v for k, v in self.__dict__.items() if k != "_gen"}
+
     def histogram_values(self) -> torch.Tensor:
         """(C, N) subsample of the scaled latent values seen."""
         return torch.cat(self.samples, dim=1)

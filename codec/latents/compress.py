@@ -39,6 +39,7 @@ from codec.latents.chunks import ChunkWriter, noise_id  # noqa: F401  (noise_id:
 from codec.latents.conditioning import folder_classes, orphans, string_classes
 from codec.latents.inputs import ImageInputs, as_list
 from codec.latents.shard_inputs import ShardInputs
+from codec.launch import distributed_state
 from codec.models import load_autoencoder
 from codec.sources import is_hf_dataset, is_stream, list_source
 from codec.sources.sides import read_metadata_jsonl
@@ -88,17 +89,6 @@ def refuse_flat_latents(codec) -> None:
         )
 
 
-def _distributed_state():
-    """accelerate's PartialState when launched with several processes, else None."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    # Imported only here: encoding on one process must not need (or pay for) accelerate.
-    from accelerate import PartialState
-
-    # Without a GPU, torchrun workers must be told they are CPU (gloo) processes.
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
 def compress(
     codec_path,
     source,
@@ -130,7 +120,7 @@ def compress(
 
     bucket_sizes = check_settings(store, latent_dtype, resolution, buckets, bucket_step, labels, shard_size, seed)
     refuse_flat_latents(codec_path)
-    state = _distributed_state()
+    state = distributed_state()
     rank, world = (state.process_index, state.num_processes) if state else (0, 1)
     barrier = state.wait_for_everyone if state else (lambda: None)
     streamed = is_stream(source, streaming)
