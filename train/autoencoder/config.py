@@ -5,6 +5,7 @@ types alone cannot express, ranges of every numeric key included (:data:`TRAIN_R
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,6 +104,16 @@ class LossConfig:
     # τ(x) is at least 32 px on a side).
     equivariance_weight: float = 0.0
     equivariance_transforms: list[str] = field(default_factory=lambda: ["down2", "down4", "rot90"])
+    # EQ-VAE as published (Kouzelis et al. 2025; zelaki/eqvae): with probability eq_vae_p_prior a
+    # step's whole loss (reconstruction, LPIPS, KL, GAN) is taken on tau(x) against D(tau(z)),
+    # tau a bilinear downscaling to k/L of the latent side L (k from L/4 to L-1: the paper's
+    # {8..31}/32 at 256 px crops) then a rotation by 90, 180 or 270 degrees; on the other steps,
+    # with probability eq_vae_p_prior_s, on a downscaled image (prior preservation). Replaces
+    # equivariance_weight's additive term (which is not the paper's).
+    eq_vae: bool = False
+    eq_vae_p_prior: float = 0.5
+    eq_vae_p_prior_s: float = 0.25
+    eq_vae_anisotropic: bool = False  # the paper's option: independent scales for height and width
 
 
 @dataclass
@@ -164,6 +175,7 @@ TRAIN_RANGES = {
     "loss.kl_weight": NON_NEGATIVE, "loss.logvar_init": "(-inf, inf)", "loss.disc_weight": NON_NEGATIVE,
     "loss.disc_start": NON_NEGATIVE, "loss.disc_factor": NON_NEGATIVE, "loss.disc_layers": AT_LEAST_ONE,
     "loss.disc_channels": AT_LEAST_ONE, "loss.equivariance_weight": NON_NEGATIVE,
+    "loss.eq_vae_p_prior": "[0, 1]", "loss.eq_vae_p_prior_s": "[0, 1]",
     "optim.lr": POSITIVE, "optim.disc_lr": POSITIVE, "optim.betas": SHARE, "optim.weight_decay": NON_NEGATIVE,
     "optim.warmup_steps": NON_NEGATIVE, "optim.min_lr_ratio": "[0, 1]", "optim.max_grad_norm": NON_NEGATIVE,
     "seed": NON_NEGATIVE, "batch_size": AT_LEAST_ONE, "grad_accum": AT_LEAST_ONE, "max_steps": AT_LEAST_ONE,
@@ -210,9 +222,31 @@ def validate(cfg: TrainConfig) -> None:
         if not cfg.loss.equivariance_transforms:
             raise ValueError("loss.equivariance_transforms is empty; name at least one transform")
         check_transforms(cfg.loss.equivariance_transforms, (latent, latent), "loss.equivariance_transforms")
+    if cfg.loss.eq_vae:
+        validate_eq_vae(cfg)
     if len(cfg.optim.betas) != 2:
         raise ValueError(f"optim.betas must have two values, got {cfg.optim.betas}")
     check_ranges(cfg, TRAIN_RANGES)
+
+
+def validate_eq_vae(cfg: TrainConfig) -> None:
+    """``loss.eq_vae``: a kl-f8 codec, one EQ-VAE objective, crops the smallest tau still fits."""
+    if cfg.model.kind != "kl-f8":
+        raise ValueError(f"loss.eq_vae applies to kl-f8 codecs, not model.kind {cfg.model.kind}")
+    if cfg.loss.equivariance_weight > 0:
+        raise ValueError("loss.eq_vae (the published EQ-VAE objective) and loss.equivariance_weight (an additive "
+                         "equivariance term) are two EQ-VAE objectives; set loss.equivariance_weight=0 or "
+                         "loss.eq_vae=false")
+    latent = cfg.data.crop_size // 8
+    if latent < 4:
+        raise ValueError(f"loss.eq_vae downscales the {latent}x{latent} latent of a {cfg.data.crop_size}-px crop "
+                         "to a quarter and more; use data.crop_size >= 32")
+    smallest = 8 * math.ceil(latent / 4)
+    needs = 2 ** (cfg.loss.disc_layers + 2)  # the PatchGAN's smallest input: each layer halves it
+    if cfg.loss.disc_weight > 0 and smallest < needs:
+        raise ValueError(f"loss.eq_vae shrinks {cfg.data.crop_size}-px crops to {smallest} px, smaller than the "
+                         f"{needs} px a {cfg.loss.disc_layers}-layer discriminator takes; use data.crop_size >= "
+                         f"{4 * needs} (the paper trains at 256)")
 
 
 def validate_data(cfg: TrainConfig) -> None:

@@ -189,7 +189,9 @@ def _train(cfg: TrainConfig) -> Path:
             if not accelerator.sync_gradients:
                 continue
             signal_name = signalled and (signals.requested or "a signal to another process")
-            stop, interrupted = after_step(run, dataset, validation, progress, logs, x, recon, over_time, signal_name)
+            shown = x if result.shown_against is None else result.shown_against
+            stop, interrupted = after_step(run, dataset, validation, progress, logs, shown, recon, over_time,
+                                           signal_name)
             if stop or interrupted:
                 break
     progress.close()

@@ -43,6 +43,7 @@ class StepResult:
     loss: torch.Tensor
     logs: dict  # floats, "loss" among them
     real: torch.Tensor  # what the discriminator is shown as real (the images, or a teacher's)
+    shown_against: torch.Tensor | None = None  # what the logged grid compares ``fake`` with, if not the inputs
 
 
 # model.kind -> (module, class); imported when chosen, so a run loads only its own recipe

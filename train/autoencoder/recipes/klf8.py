@@ -16,6 +16,7 @@ from codec.factors import factors_from_stats
 from codec.models import build_autoencoder, load_autoencoder
 from codec.sources import is_stream
 from codec.sources.stream import ImageStream, cache_path
+from train.autoencoder import eq_vae
 from train.autoencoder.config import TrainConfig
 from train.autoencoder.data import CropDataset, Cropper, TooSmall, collate, gather_images
 from train.autoencoder.losses import frozen
@@ -29,11 +30,12 @@ class Autoencoder(nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, x: torch.Tensor, transform: str | None = None):
-        """(reconstruction, posterior, decoding of transform(z) or None) for EQ-VAE."""
+    def forward(self, x: torch.Tensor, transform: str | None = None, latent_op=None):
+        """(reconstruction, posterior, decoding of transform(z) or None) for the EQ-VAE term;
+        ``latent_op``: what the published EQ-VAE decodes instead of z (τ(z))."""
         posterior = self.vae.encode(x).latent_dist  # (B, 2*4, H/8, W/8) -> mean, logvar
         z = posterior.sample()  # sampled z, as in the LDM recipe
-        recon = self.vae.decode(z).sample
+        recon = self.vae.decode(latent_op(z) if latent_op is not None else z).sample
         transformed = self.vae.decode(equivariance.apply(transform, z)).sample if transform else None
         return recon, posterior, transformed
 
@@ -71,6 +73,8 @@ class KLF8Recipe:
 
     def loss(self, ctx: StepContext, x: torch.Tensor, batch: dict) -> StepResult:
         """Reconstruction + LPIPS + KL (+ GAN, + EQ-VAE) of the generator phase, under autocast."""
+        if self.cfg.loss.eq_vae:
+            return self.eq_vae_loss(ctx, x)
         transform = self.pick_transform(ctx.step, ctx.rank)
         recon, posterior, transformed = ctx.model(x, transform)
         # The discriminator judges x̂ here with its own weights frozen: its plain module is used
@@ -87,6 +91,22 @@ class KLF8Recipe:
             # its value is finite; a NaN here would be counted as a non-finite step, not the scaler's skip.
             logs.update(equivariance=eq.item(), loss=logs["loss"] + weight * eq.item())
         return StepResult(fake=recon, loss=loss, logs=logs, real=x)
+
+    def eq_vae_loss(self, ctx: StepContext, x: torch.Tensor) -> StepResult:
+        """The published EQ-VAE step (:mod:`train.autoencoder.eq_vae`): the whole loss, GAN
+        included, on τ(x) against D(τ(z)), on a downscaled image, or plain."""
+        loss_cfg = self.cfg.loss
+        this = eq_vae.draw(self.cfg.seed, ctx.rank, ctx.step, x.shape[-1] // 8, loss_cfg.eq_vae_p_prior,
+                           loss_cfg.eq_vae_p_prior_s, loss_cfg.eq_vae_anisotropic)
+        target = this.image(x)
+        if this.mode == "latent":
+            recon, posterior, _ = ctx.model(x, latent_op=this.latent)
+        else:
+            recon, posterior, _ = ctx.model(target)
+        with frozen(ctx.disc):
+            loss, logs = ctx.gen_loss(target, recon, posterior, ctx.step, ctx.disc, ctx.last_layer, ctx.grad_scale)
+        logs["eq_vae_mode"] = float(eq_vae.MODES.index(this.mode))  # 0 plain, 1 image, 2 latent
+        return StepResult(fake=recon, loss=loss, logs=logs, real=target, shown_against=target)
 
     def pick_transform(self, step: int, rank: int) -> str | None:
         """EQ-VAE's τ of this step, None when off: drawn from its own stream per (seed, rank, step),
