@@ -1,5 +1,6 @@
-"""EQ-VAE as published (loss.eq_vae): the draws, the resampling against the reference's, a run
-that trains with the GAN on transformed pairs and resumes exactly, and the refusals."""
+"""EQ-VAE as published (loss.equivariance_weight > 0, equivariance_mode published): the draws,
+the resampling against the reference's, a run that trains with the GAN on transformed pairs and
+resumes exactly, the weight, and the refusals."""
 
 import json
 
@@ -48,7 +49,7 @@ def test_tau_resamples_as_the_reference_does():
 
 
 def eq_args(out, data, *extra):
-    return args(out, data, "loss.eq_vae=true", "loss.disc_layers=1", "loss.disc_start=0",
+    return args(out, data, "loss.equivariance_weight=1", "loss.disc_layers=1", "loss.disc_start=0",
                 "loss.perceptual_weight=0", *extra)
 
 
@@ -65,12 +66,25 @@ def test_a_run_trains_on_transformed_pairs_with_the_gan_and_resumes_exactly(tmp_
 
 
 @pytest.mark.parametrize("extra,pattern", [
-    (["loss.equivariance_weight=0.5"], "two EQ-VAE objectives"),
-    (["data.crop_size=16"], "data.crop_size >= 32"),
+    (["data.crop_size=16"], "leaves no latent pixel; use data.crop_size >= 32"),
+    (["loss.equivariance_min_scale=0.05"], "0.05 of the 4x4 latent .* leaves no latent pixel"),
+    (["loss.equivariance_min_scale=0.99"], "leaves no size below"),
     (["loss.disc_layers=3", "data.crop_size=64"], "use data.crop_size >= 128"),
-    (["loss.eq_vae_p_prior=1.5"], "eq_vae_p_prior"),
+    (["loss.equivariance_p_prior=1.5"], "equivariance_p_prior"),
+    (["loss.equivariance_mode=paper"], "unknown 'paper'"),
 ])
 def test_settings_that_cannot_work_are_refused(tmp_path, image_folder, capsys, extra, pattern):
     with pytest.raises(SystemExit) as exc:  # a config error: argparse's one line, exit 2
         main(eq_args(tmp_path / "r", image_folder, "max_steps=1", *extra))
     assert_user_error(capsys, exc.value.code, pattern)
+
+
+def test_the_weight_scales_the_transformed_steps_loss(tmp_path, image_folder):
+    """Step 0 of seed 0 is a latent step (see the draws): its loss at weight 0.5 is half of weight 1's."""
+    assert eq_vae.draw(0, 0, 0, 4).mode == "latent"
+    losses = {}
+    for weight in ("1", "0.5"):
+        out = tmp_path / weight
+        assert main(eq_args(out, image_folder, "max_steps=1", f"loss.equivariance_weight={weight}")) == 0
+        losses[weight] = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])["loss"]
+    assert losses["0.5"] == pytest.approx(losses["1"] / 2, rel=1e-6)

@@ -93,7 +93,7 @@ def test_equivariance_term_trains_and_is_logged(tmp_path, image_folder):
     plain, eq = tmp_path / "plain", tmp_path / "eq"
     assert train_main(train_args(plain, image_folder, "max_steps=2")) == 0
     assert train_main(train_args(eq, image_folder, "max_steps=2", "loss.equivariance_weight=0.5",
-                                 "loss.equivariance_transforms=[rot90]")) == 0
+                                 "loss.equivariance_mode=additive", "loss.equivariance_transforms=[rot90]")) == 0
     logs = [json.loads(line) for line in (eq / "train_log.jsonl").read_text().splitlines()]
     plain_logs = [json.loads(line) for line in (plain / "train_log.jsonl").read_text().splitlines()]
     first, reference = logs[0], plain_logs[0]
@@ -114,8 +114,10 @@ def test_reconstruction_term_by_hand():
 
 
 @pytest.mark.parametrize("setting,message", [
-    (["loss.equivariance_weight=1", "data.crop_size=48"], "down4 needs latent sides divisible by 4, got 6x6"),
-    (["loss.equivariance_weight=1", "loss.equivariance_transforms=[flip]"], "unknown transform"),
+    (["loss.equivariance_weight=1", "loss.equivariance_mode=additive", "data.crop_size=48"],
+     "down4 needs latent sides divisible by 4, got 6x6"),
+    (["loss.equivariance_weight=1", "loss.equivariance_mode=additive", "loss.equivariance_transforms=[flip]"],
+     "unknown transform"),
     (["loss.equivariance_weight=-1"], "must be >= 0"),
 ])
 def test_equivariance_config_errors(tmp_path, image_folder, capsys, setting, message):

@@ -129,6 +129,7 @@ def test_fp16_overflow_with_eq_vae_is_logged_finite(fp16_accelerator):
     cfg = TrainConfig()
     cfg.loss.perceptual_weight, cfg.loss.disc_weight, cfg.loss.disc_start = 0.0, 0.5, 0
     cfg.loss.equivariance_weight, cfg.loss.equivariance_transforms = 0.5, ["rot90"]
+    cfg.loss.equivariance_mode = "additive"
     cfg.loss.logvar_init = -20.0  # nll = rec · e^20: finite, but x 1e36 its gradients are beyond fp32
     torch.manual_seed(0)
     vae = build_autoencoder("test")

@@ -99,21 +99,22 @@ class LossConfig:
     disc_factor: float = 1.0
     disc_layers: int = 3
     disc_channels: int = 64
-    # EQ-VAE (codec.equivariance): each step also decodes τ(z) for a random τ of the list and
-    # adds weight x the reconstruction term of τ(x) against it (0 disables; LPIPS joins it where
-    # τ(x) is at least 32 px on a side).
+    # EQ-VAE (Kouzelis et al. 2025), on when equivariance_weight > 0. equivariance_mode published
+    # (train/autoencoder/eq_vae.py, zelaki/eqvae): with probability equivariance_p_prior a step's
+    # whole loss (reconstruction, LPIPS, KL, GAN) is taken on tau(x) against D(tau(z)), tau a
+    # bilinear downscaling of the latent side L to k (k from L x equivariance_min_scale to L - 1:
+    # the paper's {8..31}/32 at 256-px crops) then a quarter turn; on the other steps, with
+    # probability equivariance_p_prior_s, on a downscaled image (prior preservation); the weight
+    # scales the transformed steps' loss (1: as published). equivariance_mode additive (ours, not
+    # the paper's): every step also decodes tau(z) for a tau of equivariance_transforms and adds
+    # weight x the reconstruction term of tau(x) against it (LPIPS where tau(x) is >= 32 px).
     equivariance_weight: float = 0.0
-    equivariance_transforms: list[str] = field(default_factory=lambda: ["down2", "down4", "rot90"])
-    # EQ-VAE as published (Kouzelis et al. 2025; zelaki/eqvae): with probability eq_vae_p_prior a
-    # step's whole loss (reconstruction, LPIPS, KL, GAN) is taken on tau(x) against D(tau(z)),
-    # tau a bilinear downscaling to k/L of the latent side L (k from L/4 to L-1: the paper's
-    # {8..31}/32 at 256 px crops) then a rotation by 90, 180 or 270 degrees; on the other steps,
-    # with probability eq_vae_p_prior_s, on a downscaled image (prior preservation). Replaces
-    # equivariance_weight's additive term (which is not the paper's).
-    eq_vae: bool = False
-    eq_vae_p_prior: float = 0.5
-    eq_vae_p_prior_s: float = 0.25
-    eq_vae_anisotropic: bool = False  # the paper's option: independent scales for height and width
+    equivariance_mode: str = "published"
+    equivariance_p_prior: float = 0.5
+    equivariance_p_prior_s: float = 0.25
+    equivariance_min_scale: float = 0.25
+    equivariance_anisotropic: bool = False  # published: independent scales for height and width (the paper's option)
+    equivariance_transforms: list[str] = field(default_factory=lambda: ["down2", "down4", "rot90"])  # additive
 
 
 @dataclass
@@ -175,7 +176,8 @@ TRAIN_RANGES = {
     "loss.kl_weight": NON_NEGATIVE, "loss.logvar_init": "(-inf, inf)", "loss.disc_weight": NON_NEGATIVE,
     "loss.disc_start": NON_NEGATIVE, "loss.disc_factor": NON_NEGATIVE, "loss.disc_layers": AT_LEAST_ONE,
     "loss.disc_channels": AT_LEAST_ONE, "loss.equivariance_weight": NON_NEGATIVE,
-    "loss.eq_vae_p_prior": "[0, 1]", "loss.eq_vae_p_prior_s": "[0, 1]",
+    "loss.equivariance_p_prior": "[0, 1]", "loss.equivariance_p_prior_s": "[0, 1]",
+    "loss.equivariance_min_scale": "(0, 1)",
     "optim.lr": POSITIVE, "optim.disc_lr": POSITIVE, "optim.betas": SHARE, "optim.weight_decay": NON_NEGATIVE,
     "optim.warmup_steps": NON_NEGATIVE, "optim.min_lr_ratio": "[0, 1]", "optim.max_grad_norm": NON_NEGATIVE,
     "seed": NON_NEGATIVE, "batch_size": AT_LEAST_ONE, "grad_accum": AT_LEAST_ONE, "max_steps": AT_LEAST_ONE,
@@ -193,6 +195,7 @@ def validate(cfg: TrainConfig) -> None:
         "data.small_images": (cfg.data.small_images, ("skip", "upscale")),
         "data.crop_mode": (cfg.data.crop_mode, ("native", "resized")),
         "optim.schedule": (cfg.optim.schedule, ("constant", "cosine")),
+        "loss.equivariance_mode": (cfg.loss.equivariance_mode, ("additive", "published")),
         "mixed_precision": (cfg.mixed_precision, ("auto", "bf16", "fp16", "no")),
         "model.kind": (cfg.model.kind, ("autoencoder-tiny", "kl-f8", "mlp-vae")),
         "distill.train": (cfg.distill.train, ("both", "decoder", "encoder")),
@@ -214,39 +217,39 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.loss.equivariance_weight < 0:
         raise ValueError(f"loss.equivariance_weight must be >= 0, got {cfg.loss.equivariance_weight}")
     if cfg.loss.equivariance_weight > 0:
-        if cfg.model.kind != "kl-f8":
-            raise ValueError(f"loss.equivariance_weight applies to kl-f8 codecs, not model.kind {cfg.model.kind}")
-        from codec.equivariance import check_transforms  # late: only equivariance runs wait for torch
-
-        latent = cfg.data.crop_size // 8
-        if not cfg.loss.equivariance_transforms:
-            raise ValueError("loss.equivariance_transforms is empty; name at least one transform")
-        check_transforms(cfg.loss.equivariance_transforms, (latent, latent), "loss.equivariance_transforms")
-    if cfg.loss.eq_vae:
-        validate_eq_vae(cfg)
+        validate_equivariance(cfg)
     if len(cfg.optim.betas) != 2:
         raise ValueError(f"optim.betas must have two values, got {cfg.optim.betas}")
     check_ranges(cfg, TRAIN_RANGES)
 
 
-def validate_eq_vae(cfg: TrainConfig) -> None:
-    """``loss.eq_vae``: a kl-f8 codec, one EQ-VAE objective, crops the smallest tau still fits."""
+def validate_equivariance(cfg: TrainConfig) -> None:
+    """EQ-VAE: a kl-f8 codec, and transforms that fit its crops (and its discriminator)."""
+    loss = cfg.loss
     if cfg.model.kind != "kl-f8":
-        raise ValueError(f"loss.eq_vae applies to kl-f8 codecs, not model.kind {cfg.model.kind}")
-    if cfg.loss.equivariance_weight > 0:
-        raise ValueError("loss.eq_vae (the published EQ-VAE objective) and loss.equivariance_weight (an additive "
-                         "equivariance term) are two EQ-VAE objectives; set loss.equivariance_weight=0 or "
-                         "loss.eq_vae=false")
+        raise ValueError(f"loss.equivariance_weight applies to kl-f8 codecs, not model.kind {cfg.model.kind}")
     latent = cfg.data.crop_size // 8
-    if latent < 4:
-        raise ValueError(f"loss.eq_vae downscales the {latent}x{latent} latent of a {cfg.data.crop_size}-px crop "
-                         "to a quarter and more; use data.crop_size >= 32")
-    smallest = 8 * math.ceil(latent / 4)
-    needs = 2 ** (cfg.loss.disc_layers + 2)  # the PatchGAN's smallest input: each layer halves it
-    if cfg.loss.disc_weight > 0 and smallest < needs:
-        raise ValueError(f"loss.eq_vae shrinks {cfg.data.crop_size}-px crops to {smallest} px, smaller than the "
-                         f"{needs} px a {cfg.loss.disc_layers}-layer discriminator takes; use data.crop_size >= "
-                         f"{4 * needs} (the paper trains at 256)")
+    if loss.equivariance_mode == "additive":
+        from codec.equivariance import check_transforms  # late: only equivariance runs wait for torch
+
+        if not loss.equivariance_transforms:
+            raise ValueError("loss.equivariance_transforms is empty; name at least one transform")
+        check_transforms(loss.equivariance_transforms, (latent, latent), "loss.equivariance_transforms")
+        return
+    scale = loss.equivariance_min_scale
+    if latent * scale < 1:
+        raise ValueError(f"loss.equivariance_min_scale {scale} of the {latent}x{latent} latent of a "
+                         f"{cfg.data.crop_size}-px crop leaves no latent pixel; use data.crop_size >= "
+                         f"{8 * math.ceil(1 / scale)} or a larger scale")
+    smallest = math.ceil(latent * scale)
+    if smallest >= latent:
+        raise ValueError(f"loss.equivariance_min_scale {scale} leaves no size below the {latent}x{latent} latent's "
+                         "own; use a smaller scale (the paper's is 0.25) or larger crops")
+    needs = 2 ** (loss.disc_layers + 2)  # the PatchGAN's smallest input: each layer halves it
+    if loss.disc_weight > 0 and 8 * smallest < needs:
+        raise ValueError(f"EQ-VAE shrinks {cfg.data.crop_size}-px crops to {8 * smallest} px, smaller than the "
+                         f"{needs} px a {loss.disc_layers}-layer discriminator takes; use data.crop_size >= "
+                         f"{8 * math.ceil(needs / 8 / loss.equivariance_min_scale)} (the paper trains at 256)")
 
 
 def validate_data(cfg: TrainConfig) -> None:

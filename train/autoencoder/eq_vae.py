@@ -4,7 +4,7 @@ Improved Generative Image Modeling"; the training code of zelaki/eqvae).
 Each step draws one of three modes:
 
 * ``latent`` (probability ``p_prior``): τ = a bilinear downscaling of the latent's side L to k
-  (k uniform in [L/4, L), the paper's {8..31}/32 at 256-px crops; with ``anisotropic``, k drawn
+  (k uniform in [L·min_scale, L), min_scale 1/4: the paper's {8..31}/32 at 256-px crops; with ``anisotropic``, k drawn
   for height and width apart) followed by a rotation by 90, 180 or 270°. The decoder decodes
   τ(z), and the step's whole loss (reconstruction, LPIPS, KL, GAN) compares it with τ(x), the
   image scaled to 8k and rotated alike.
@@ -60,10 +60,10 @@ def turn(t: torch.Tensor, angle: int) -> torch.Tensor:
 
 
 def draw(seed: int, rank: int, step: int, latent_side: int, p_prior: float = 0.5, p_prior_s: float = 0.25,
-         anisotropic: bool = False) -> Draw:
+         anisotropic: bool = False, min_scale: float = 0.25) -> Draw:
     """This step's mode and τ, from its own stream per (seed, rank, step)."""
     rng = np.random.default_rng([seed, rank, step, 0xE0])
-    sides = range(math.ceil(latent_side / 4), latent_side)
+    sides = range(max(1, math.ceil(latent_side * min_scale)), latent_side)
 
     def side() -> int:
         return int(sides[rng.integers(len(sides))])

@@ -7,8 +7,10 @@
     D    = ½ (mean relu(1 - D(x)) + mean relu(1 + D(x̂.detach())))           (hinge)
     d_weight = ‖∇_L nll‖ / (‖∇_L g‖ + 1e-4), clamped to [0, 1e4], × disc_weight,
                L = the decoder's last conv weight; only computed once the discriminator is on.
-    EQ     = the rec term of (τ(x), D(τ(z))) per image (EQ-VAE; :meth:`GeneratorLoss.reconstruction`),
-             added × equivariance_weight by the kl-f8 recipe.
+    EQ     = the rec term of (τ(x), D(τ(z))) per image (EQ-VAE's additive mode;
+             :meth:`GeneratorLoss.reconstruction`), added × equivariance_weight by the kl-f8 recipe.
+             (The published mode takes the whole loss above on a transformed pair instead:
+             :mod:`train.autoencoder.eq_vae`.)
 
 Every function returns ``(loss, logs)`` with plain floats in ``logs``.
 

@@ -73,7 +73,7 @@ class KLF8Recipe:
 
     def loss(self, ctx: StepContext, x: torch.Tensor, batch: dict) -> StepResult:
         """Reconstruction + LPIPS + KL (+ GAN, + EQ-VAE) of the generator phase, under autocast."""
-        if self.cfg.loss.eq_vae:
+        if self.cfg.loss.equivariance_weight > 0 and self.cfg.loss.equivariance_mode == "published":
             return self.eq_vae_loss(ctx, x)
         transform = self.pick_transform(ctx.step, ctx.rank)
         recon, posterior, transformed = ctx.model(x, transform)
@@ -96,8 +96,9 @@ class KLF8Recipe:
         """The published EQ-VAE step (:mod:`train.autoencoder.eq_vae`): the whole loss, GAN
         included, on τ(x) against D(τ(z)), on a downscaled image, or plain."""
         loss_cfg = self.cfg.loss
-        this = eq_vae.draw(self.cfg.seed, ctx.rank, ctx.step, x.shape[-1] // 8, loss_cfg.eq_vae_p_prior,
-                           loss_cfg.eq_vae_p_prior_s, loss_cfg.eq_vae_anisotropic)
+        this = eq_vae.draw(self.cfg.seed, ctx.rank, ctx.step, x.shape[-1] // 8, loss_cfg.equivariance_p_prior,
+                           loss_cfg.equivariance_p_prior_s, loss_cfg.equivariance_anisotropic,
+                           loss_cfg.equivariance_min_scale)
         target = this.image(x)
         if this.mode == "latent":
             recon, posterior, _ = ctx.model(x, latent_op=this.latent)
@@ -105,6 +106,9 @@ class KLF8Recipe:
             recon, posterior, _ = ctx.model(target)
         with frozen(ctx.disc):
             loss, logs = ctx.gen_loss(target, recon, posterior, ctx.step, ctx.disc, ctx.last_layer, ctx.grad_scale)
+        if this.mode == "latent" and loss_cfg.equivariance_weight != 1:  # 1: as published
+            loss = loss * loss_cfg.equivariance_weight
+            logs["loss"] *= loss_cfg.equivariance_weight
         logs["eq_vae_mode"] = float(eq_vae.MODES.index(this.mode))  # 0 plain, 1 image, 2 latent
         return StepResult(fake=recon, loss=loss, logs=logs, real=target, shown_against=target)
 
@@ -112,7 +116,7 @@ class KLF8Recipe:
         """EQ-VAE's τ of this step, None when off: drawn from its own stream per (seed, rank, step),
         so resumes repeat it and the training RNG (posterior noise) is the same as without it."""
         names = self.cfg.loss.equivariance_transforms
-        if self.cfg.loss.equivariance_weight <= 0:
+        if self.cfg.loss.equivariance_weight <= 0 or self.cfg.loss.equivariance_mode != "additive":
             return None
         return names[int(np.random.default_rng([self.cfg.seed, rank, step]).integers(len(names)))]
 
