@@ -19,7 +19,8 @@ class ModelConfig:
     # "kl-f8" (AutoencoderKL), "mlp-vae" (the vanilla VAE baseline, section mlp) or
     # "autoencoder-tiny" (a TAESD-style student distilled from a teacher, section distill)
     kind: str = "kl-f8"
-    preset: str = "tiny"  # see codec.models.PRESETS
+    preset: str = "tiny"  # see codec.models.PRESETS (sd3-f8c16, flux-f8c16, tiny-c16: 16 latent channels)
+    latent_channels: int | None = None  # instead of the preset's (16: SD3/FLUX.1's); init_from must have it
     init_from: str | None = None  # a diffusers AutoencoderKL folder to fine-tune instead
     train_decoder_only: bool = False  # freeze the encoder (the sd-vae-ft-mse recipe)
     gradient_checkpointing: bool = False
@@ -165,6 +166,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
 
 # The valid range of every numeric key (train.common.ranges); image_every / val_every 0 mean off.
 TRAIN_RANGES = {
+    "model.latent_channels": AT_LEAST_ONE,
     "mlp.image_size": AT_LEAST_ONE, "mlp.in_channels": "[1, 3]", "mlp.hidden_sizes": AT_LEAST_ONE,
     "mlp.latent_size": AT_LEAST_ONE, "mlp.num_classes": AT_LEAST_ONE, "mlp.beta": NON_NEGATIVE,
     "mlp.kl_anneal_steps": AT_LEAST_ONE, "mlp.kl_anneal_cycles": AT_LEAST_ONE, "mlp.kl_anneal_ratio": "(0, 1]",

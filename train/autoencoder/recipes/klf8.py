@@ -49,7 +49,14 @@ class KLF8Recipe:
 
     def build_vae(self) -> AutoencoderKL:
         m = self.cfg.model
-        return load_autoencoder(m.init_from) if m.init_from else build_autoencoder(m.preset)
+        if not m.init_from:
+            return build_autoencoder(m.preset, m.latent_channels)
+        vae = load_autoencoder(m.init_from)
+        if m.latent_channels is not None and m.latent_channels != vae.config.latent_channels:
+            raise ValueError(f"model.init_from {m.init_from} has {vae.config.latent_channels} latent channels, "
+                             f"model.latent_channels asks for {m.latent_channels}; leave model.latent_channels unset "
+                             "to fine-tune it as it is")
+        return vae
 
     def wrap(self, vae: AutoencoderKL) -> nn.Module:
         return Autoencoder(vae)
@@ -133,8 +140,10 @@ class KLF8Recipe:
 
 
 def measured_scale(codec, measure) -> dict:
-    """Set an exported codec's scaling_factor from its training latents (``measure()``, see
+    """Set an exported codec's scaling_factor (and its shift_factor, where it has one: SD3/FLUX.1
+    codecs) from its training latents (``measure()``, see
     ``train.autoencoder.export.measure_training_latents``); returns the statistics kept in its metadata."""
     stats = measure()
-    codec.set_factors(**factors_from_stats(stats, "scale"))
+    kind = "shift" if getattr(codec.vae.config, "shift_factor", None) is not None else "scale"
+    codec.set_factors(**factors_from_stats(stats, kind))
     return stats

@@ -1,0 +1,53 @@
+"""16-channel codecs in the SD3/FLUX.1 layout: presets, model.latent_channels, training from
+scratch with scale and shift measured, and the refusals."""
+
+import json
+
+import pytest
+import torch
+from conftest import assert_user_error
+from diffusers import AutoencoderKL
+from test_train import args
+
+from codec import Codec
+from codec.models import PRESETS, build_autoencoder
+from train.__main__ import main
+
+
+@pytest.mark.parametrize("preset,factors", [("sd3-f8c16", (1.5305, 0.0609)), ("flux-f8c16", (0.3611, 0.1159))])
+def test_full_size_presets_are_the_sd3_and_flux_vaes(preset, factors):
+    config = PRESETS[preset]
+    assert config["latent_channels"] == 16 and not config["use_quant_conv"] and not config["use_post_quant_conv"]
+    assert (config["scaling_factor"], config["shift_factor"]) == factors
+    assert config["block_out_channels"] == (128, 256, 512, 512) and config["layers_per_block"] == 2
+
+
+def test_tiny_c16_trains_from_scratch_and_exports_scale_and_shift(tmp_path, image_folder):
+    out = tmp_path / "run"
+    assert main(args(out, image_folder, "max_steps=2", "model.preset=tiny-c16", "loss.disc_weight=0",
+                     "loss.perceptual_weight=0")) == 0
+    config = json.loads((out / "codec" / "config.json").read_text())
+    assert config["latent_channels"] == 16 and config["use_quant_conv"] is False
+    stats = json.loads((out / "codec" / "vae_codec.json").read_text())["latent_stats"]
+    assert config["shift_factor"] == pytest.approx(stats["mean"]) and config["shift_factor"] != 0
+    assert config["scaling_factor"] == pytest.approx(stats["scaling_factor"])
+    vae = AutoencoderKL.from_pretrained(out / "codec")  # diffusers' own loader
+    assert vae.quant_conv is None and vae.config.latent_channels == 16
+    latents = Codec.from_pretrained(out / "codec", device="cpu").encode(torch.rand(1, 3, 32, 32) * 2 - 1)
+    assert latents.shape == (1, 16, 4, 4)
+
+
+def test_latent_channels_widens_any_preset(tmp_path, image_folder):
+    assert build_autoencoder("test", latent_channels=16).config.latent_channels == 16
+    out = tmp_path / "run"
+    assert main(args(out, image_folder, "max_steps=1", "model.latent_channels=16", "loss.disc_weight=0",
+                     "loss.perceptual_weight=0")) == 0
+    assert json.loads((out / "codec" / "config.json").read_text())["latent_channels"] == 16
+
+
+def test_init_from_a_16_channel_codec_with_4_channels_asked_is_refused(tmp_path, image_folder, capsys):
+    folder = tmp_path / "c16"
+    build_autoencoder("tiny-c16").save_pretrained(folder)
+    code = main(args(tmp_path / "run", image_folder, "max_steps=1", f"model.init_from={folder}",
+                     "model.latent_channels=4"))
+    assert_user_error(capsys, code, "has 16 latent channels, model.latent_channels asks for 4")
