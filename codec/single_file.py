@@ -105,8 +105,18 @@ def drop_training_only(state_dict: dict) -> tuple[dict, list[str]]:
     return {k: v for k, v in state_dict.items() if not k.startswith(TRAINING_ONLY)}, dropped
 
 
-def infer_config(ldm: dict[str, torch.Tensor], scaling_factor: float | None = None) -> dict:
-    """``AutoencoderKL`` arguments from the shapes of an LDM-layout state dict."""
+# A file cannot say its latent factors. Assumed where it has none: SD's for 4 latent channels;
+# for 16, FLUX.1's for a bare VAE file (its ae.safetensors) and SD3's for one inside a full
+# checkpoint (first_stage_model. prefix). (scaling_factor, shift_factor, whose)
+ASSUMED_FACTORS = {(4, False): (LDM_VAE_DEFAULT_SCALING_FACTOR, None, "SD's"),
+                   (4, True): (LDM_VAE_DEFAULT_SCALING_FACTOR, None, "SD's"),
+                   (16, False): (0.3611, 0.1159, "FLUX.1's"),
+                   (16, True): (1.5305, 0.0609, "SD3's")}
+
+
+def infer_config(ldm: dict[str, torch.Tensor], scaling_factor: float | None = None, prefixed: bool = False) -> dict:
+    """``AutoencoderKL`` arguments from the shapes of an LDM-layout state dict (``prefixed``: it
+    came from a full checkpoint, which decides the factors assumed for 16 channels)."""
     required = ("encoder.conv_in.weight", "decoder.conv_in.weight", "decoder.conv_out.weight")
     missing = [k for k in required if k not in ldm]
     if missing:
@@ -131,8 +141,15 @@ def infer_config(ldm: dict[str, torch.Tensor], scaling_factor: float | None = No
         use_quant_conv="quant_conv.weight" in ldm,
         use_post_quant_conv="post_quant_conv.weight" in ldm,
         mid_block_add_attention="encoder.mid.attn_1.q.weight" in ldm,
-        scaling_factor=LDM_VAE_DEFAULT_SCALING_FACTOR if scaling_factor is None else scaling_factor,
+        **assumed_factors(latent, prefixed, scaling_factor),
     )
+
+
+def assumed_factors(latent_channels: int, prefixed: bool, scaling_factor: float | None) -> dict:
+    if scaling_factor is not None:
+        return {"scaling_factor": scaling_factor}
+    scale, shift, _ = ASSUMED_FACTORS.get((latent_channels, prefixed), ASSUMED_FACTORS[(4, prefixed)])
+    return {"scaling_factor": scale, **({"shift_factor": shift} if shift is not None else {})}
 
 
 def ldm_to_diffusers(ldm: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
@@ -198,7 +215,9 @@ def load_single_file(
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such single-file checkpoint")
     header = read_header(path)
-    ldm, dropped = drop_training_only(strip_prefix(load_file(str(path))))
+    tensors = load_file(str(path))
+    prefixed = any(k.startswith(prefix) for prefix in LDM_VAE_KEYS for k in tensors)
+    ldm, dropped = drop_training_only(strip_prefix(tensors))
     if dropped:  # recorded in the metadata and said, never silently
         print(f"{path}: ignored {len(dropped)} training-only tensor(s) ({dropped[0]} ...)", file=sys.stderr)
     try:
@@ -208,13 +227,16 @@ def load_single_file(
                 config["scaling_factor"] = scaling_factor
             meta = json.loads(header.get(META_KEY, "{}"))
         else:
-            config = infer_config(ldm, scaling_factor)
+            config = infer_config(ldm, scaling_factor, prefixed)
             meta = {"single_file": str(path), "config_inferred": True}
             if scaling_factor is None:
+                whose = ASSUMED_FACTORS.get((config["latent_channels"], prefixed), ASSUMED_FACTORS[(4, prefixed)])[2]
+                shift = f", shift_factor {config['shift_factor']}" if "shift_factor" in config else ""
                 print(
-                    f"{path}: no config stored; architecture inferred from the tensor shapes, "
-                    f"scaling_factor assumed {config['scaling_factor']} (SD's); measure it with "
-                    "`vae-codec scale` if this VAE is not SD's",
+                    f"{path}: no config stored; architecture inferred from the tensor shapes "
+                    f"({config['latent_channels']} latent channels), scaling_factor assumed {config['scaling_factor']}"
+                    f"{shift} ({whose}); measure them with `vae-codec scale{' --shift' if shift else ''}` if this "
+                    f"VAE is not {whose[:-2]}'s",
                     file=sys.stderr,
                 )
         state = ldm_to_diffusers(ldm, config)

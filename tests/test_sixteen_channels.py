@@ -51,3 +51,50 @@ def test_init_from_a_16_channel_codec_with_4_channels_asked_is_refused(tmp_path,
     code = main(args(tmp_path / "run", image_folder, "max_steps=1", f"model.init_from={folder}",
                      "model.latent_channels=4"))
     assert_user_error(capsys, code, "has 16 latent channels, model.latent_channels asks for 4")
+
+
+def test_sixteen_channel_single_files_round_trip_through_diffusers(tmp_path):
+    """Export in the FLUX.1 ae / SD3 key layout (no quant convs); diffusers' own single-file
+    loader gives the same weights, and our codec the same latents."""
+    from codec.cli import main as cli
+
+    torch.manual_seed(0)
+    codec = Codec(build_autoencoder("tiny-c16"), device="cpu")
+    codec.set_factors(0.3611, 0.1159)
+    folder = codec.save_pretrained(tmp_path / "codec")
+    single = tmp_path / "ae.safetensors"
+    assert cli(["export", str(folder), str(single), "--format", "single-file"]) == 0
+    from safetensors import safe_open
+
+    with safe_open(str(single), "pt") as f:
+        keys = list(f.keys())
+        assert not [k for k in keys if "quant" in k] and f.get_slice("decoder.conv_in.weight").get_shape()[1] == 16
+    theirs = AutoencoderKL.from_single_file(str(single), config=str(folder))
+    for k, v in AutoencoderKL.from_pretrained(folder).state_dict().items():
+        assert torch.equal(theirs.state_dict()[k], v), k
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        z = theirs.encode(x).latent_dist.mode()
+    assert torch.allclose(Codec.from_pretrained(single, device="cpu").encode(x), (z - 0.1159) * 0.3611, atol=1e-6)
+
+
+@pytest.mark.parametrize("prefix,factors,whose", [("", (0.3611, 0.1159), "FLUX.1's"),
+                                                  ("first_stage_model.", (1.5305, 0.0609), "SD3's")])
+def test_a_foreign_16_channel_file_gets_flux_or_sd3_factors_said(tmp_path, capsys, prefix, factors, whose):
+    from safetensors.torch import save_file
+
+    from codec.single_file import diffusers_to_ldm, load_single_file
+
+    torch.manual_seed(2)
+    vae = AutoencoderKL(block_out_channels=(32, 32, 64), layers_per_block=1, norm_num_groups=32, latent_channels=16,
+                        use_quant_conv=False, use_post_quant_conv=False,
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
+    path = tmp_path / "vae.safetensors"
+    save_file({prefix + k: v for k, v in diffusers_to_ldm(vae.state_dict(), 3).items()}, str(path))
+    loaded, meta = load_single_file(path)
+    err = capsys.readouterr().err
+    assert f"(16 latent channels), scaling_factor assumed {factors[0]}, shift_factor {factors[1]} ({whose})" in err
+    assert (loaded.config.scaling_factor, loaded.config.shift_factor) == factors
+    assert loaded.quant_conv is None and meta["config_inferred"]
+    for k, v in vae.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
