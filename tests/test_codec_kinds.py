@@ -17,7 +17,9 @@ from codec.models import PRESETS, build_autoencoder, build_student
 
 KINDS = {
     "kl-f8": lambda: build_autoencoder("test"),
-    "kl-f8-16ch": lambda: AutoencoderKL(**{**PRESETS["test"], "latent_channels": 16}),
+    # the SD3 / FLUX.1 layout: 16 channels, no quant convs, a shift
+    "kl-f8-16ch": lambda: AutoencoderKL(**{**PRESETS["test"], "latent_channels": 16, "use_quant_conv": False,
+                                           "use_post_quant_conv": False, "shift_factor": 0.1}),
     "autoencoder-tiny": lambda: build_student("test"),
     "mlp-vae": lambda: MLPVAE(image_size=28, in_channels=1, hidden_sizes=(32,), latent_size=16),
 }

@@ -98,3 +98,58 @@ def test_a_foreign_16_channel_file_gets_flux_or_sd3_factors_said(tmp_path, capsy
     assert loaded.quant_conv is None and meta["config_inferred"]
     for k, v in vae.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
+
+
+@pytest.fixture
+def c16_codec(tmp_path):
+    """A test-sized codec in the SD3/FLUX.1 layout (16 channels, no quant convs) with scale and shift."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**{**PRESETS["test"], "latent_channels": 16, "use_quant_conv": False,
+                           "use_post_quant_conv": False})
+    codec = Codec(vae, device="cpu")
+    codec.set_factors(0.9, 0.05)
+    return codec.save_pretrained(tmp_path / "c16")
+
+
+def test_exact_tiling_of_a_16_channel_codec_gives_the_untiled_numbers(c16_codec):
+    x = torch.rand(1, 3, 96, 128, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    whole = Codec.from_pretrained(c16_codec, device="cpu")
+    tiled = Codec.from_pretrained(c16_codec, device="cpu", tile_size=64, tile_method="exact")
+    latents = whole.encode(x)
+    assert latents.shape == (1, 16, 12, 16)
+    assert torch.allclose(tiled.encode(x), latents, atol=1e-5)
+    assert torch.allclose(tiled.decode(latents), whole.decode(latents), atol=1e-5)
+
+
+def test_compress_and_latent_diffusion_on_16_channel_latents(c16_codec, image_folder, tmp_path):
+    from conftest import REPO
+
+    from codec.cli import main as cli
+    from train.ldm import main as ldm
+
+    latents = tmp_path / "latents"
+    assert cli(["compress", "--codec", str(c16_codec), "--input", str(image_folder), "--output", str(latents),
+                "--resolution", "32", "--num-workers", "0", "--no-progress"]) == 0
+    sets = ["model.block_out_channels=[16,32]", "model.norm_num_groups=8", "model.attention_levels=1",
+            f"output_dir={tmp_path / 'ldm'}", f"data.latents={latents}", "batch_size=4", "sample_steps=2",
+            "num_samples=2", "sample_every=0", "checkpoint_every=2", "max_steps=2"]
+    assert ldm([str(REPO / "configs" / "ldm-tiny.yaml"), *[x for s in sets for x in ("--set", s)]]) == 0
+    unet = json.loads((tmp_path / "ldm" / "pipeline" / "unet" / "config.json").read_text())
+    assert unet["in_channels"] == unet["out_channels"] == 16
+    assert (tmp_path / "ldm" / "samples" / "step_00000002.png").exists()  # decoded by the 16-channel codec
+
+
+def test_a_16_channel_teacher_distils_a_16_channel_student(c16_codec, image_folder, tmp_path, capsys):
+    from test_distill import args as distill_args
+
+    from codec.models import build_student
+    from train.distill import main as distill
+
+    out = tmp_path / "student"
+    assert distill(distill_args(out, image_folder, c16_codec, "max_steps=1", "loss.perceptual_weight=0")) == 0
+    config = json.loads((out / "codec" / "config.json").read_text())
+    assert config["_class_name"] == "AutoencoderTiny" and config["latent_channels"] == 16
+    four = tmp_path / "four"
+    build_student("test", latent_channels=4).save_pretrained(four)
+    code = distill(distill_args(tmp_path / "bad", image_folder, c16_codec, "max_steps=1", f"model.init_from={four}"))
+    assert_user_error(capsys, code, "latent channels")
