@@ -55,7 +55,8 @@ def test_folder_to_single_file_to_folder_is_exact(codec_dir, tmp_path, capsys):
     assert json.loads((back / "vae_codec.json").read_text())["note"] == "kept"
 
 
-@pytest.mark.parametrize("preset,loadable", [("sd-kl-f8", True), ("small", False), ("tiny", False), ("test", False)])
+@pytest.mark.parametrize("preset,loadable", [("sd-kl-f8", True), ("sd3-f8c16", True), ("flux-f8c16", True),
+                                             ("small", False), ("tiny", False), ("tiny-c16", False), ("test", False)])
 def test_which_presets_ui_loaders_can_build(preset, loadable):
     from codec.models import PRESETS
     from codec.single_file import ui_incompatibility
