@@ -161,3 +161,27 @@ def test_eval_of_a_per_channel_codec_equals_decoding_by_hand(tmp_path):
     torch.testing.assert_close(got.image, vae.decode(mean).sample, atol=1e-5, rtol=0)
     stats = torch.tensor([0.5, -0.2, 0.1, 0.3]).view(1, 4, 1, 1), torch.tensor([2.0, 0.5, 1.5, 3.0]).view(1, 4, 1, 1)
     torch.testing.assert_close(got.latents, (mean - stats[0]) * 0.7 / stats[1], atol=1e-5, rtol=0)
+
+
+def test_eval_reports_activation_peaks_and_fp16_overflow(tmp_path, capsys):
+    """A codec made to overflow fp16 without changing its fp32 outputs (a convolution that feeds a
+    GroupNorm scaled by 1e3, the mechanism behind SDXL's NaNs): eval names the half and the size."""
+    torch.manual_seed(0)
+    vae = build_autoencoder("test")
+    clean = Codec(vae, device="cpu").save_pretrained(tmp_path / "clean")
+    conv = vae.decoder.up_blocks[0].resnets[0].conv1  # feeds norm2 (a GroupNorm): its scale cancels
+    with torch.no_grad():
+        conv.weight.mul_(1e6), conv.bias.mul_(1e6)
+    loud = Codec(vae, device="cpu").save_pretrained(tmp_path / "loud")
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        Image.fromarray(smooth_image(i, 32, 32)).save(data / f"{i}.png")
+    report = evaluate([str(clean), str(loud)], str(data), str(tmp_path / "out"), device="cpu", classical=False,
+                      transforms=[])
+    quiet, noisy = (report["codecs"][str(p)]["cost"]["activations"] for p in (clean, loud))
+    assert quiet["fp16_overflows"] == {"encoder": False, "decoder": False} and quiet["decoder_max_abs"] < 1e3
+    assert noisy["fp16_overflows"] == {"encoder": False, "decoder": True} and noisy["decoder_max_abs"] > 65504
+    assert noisy["encoder_max_abs"] == pytest.approx(quiet["encoder_max_abs"])
+    assert any(f"{loud}: activations reach decoder" in n for n in report["notices"])
+    assert "overflows (decoder)" in (tmp_path / "out" / "report.html").read_text()

@@ -30,6 +30,8 @@ import torch
 from tqdm.auto import tqdm
 
 from codec.equivariance import DEFAULT_TRANSFORMS, LatentMeasures, check_transforms
+from codec.evaluation.activations import FP16_MAX
+from codec.evaluation.activations import merged as merged_activations
 from codec.evaluation.cost import PeakMemory
 from codec.evaluation.fid import FID_RELIABLE_FROM, make_rfid
 from codec.evaluation.figures import (
@@ -160,6 +162,7 @@ def evaluate(codecs: list[str], data: str, out: str, device: str | None = None,
                              progress=shares.is_main)
         res = _combine(subject, shares.gather(piece), rfid)
         results[name] = res["summary"]
+        notices += _overflow_notice(name, res["summary"]["cost"]["activations"])
         rows += [{"codec": name, **r} for r in res["rows"]]
         if res["hist"] is not None:
             hists[name] = res["hist"]
@@ -239,7 +242,22 @@ def _run_subject(subject, good, mine, lpips, rfid, crop_size, windows, transform
         piece["rows"].append((j, {"file": str(path), "width": w, "height": h, "bpp": rec.bpp,
                                   **{k: v[0] for k, v in m.items()}, "quality": rec.extra.get("quality", "")}))
     piece["peak"], piece["method"] = memory.peak_bytes, memory.method
+    if subject.learned:
+        piece["activations"] = subject.activations.result()
+        piece["fallbacks"] = subject.codec.fallbacks
     return piece
+
+
+def _overflow_notice(name: str, activations: dict | None) -> list[str]:
+    """Say where a codec's activations pass fp16's range (what --dtype fp16 would turn into inf)."""
+    if not activations:
+        return []
+    over = [f"{half} {activations[f'{half}_max_abs']:.3g}"
+            for half, bad in activations["fp16_overflows"].items() if bad]
+    if not over:
+        return []
+    return [f"{name}: activations reach {', '.join(over)}, beyond fp16's {FP16_MAX:.0f}: --dtype fp16 recomputes "
+            "such batches in float32 (use bf16, or fp32)"]
 
 
 def _merged(accumulators):
@@ -285,6 +303,8 @@ def _combine(subject, pieces: list[dict], rfid) -> dict:
             "timed_images": timed,
             "peak_memory_mib": max(p["peak"] for p in pieces) / 2**20,
             "peak_memory_method": pieces[0]["method"],
+            "activations": merged_activations([p["activations"] for p in pieces]) if subject.learned else None,
+            "precision_fallbacks": sum(p["fallbacks"] for p in pieces) if subject.learned else None,
         },
     }
     return {"summary": summary, "rows": rows,

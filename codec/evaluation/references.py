@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from codec.codec import Codec
+from codec.evaluation.activations import ActivationPeaks
 from codec.factors import scale_latents
 from codec.images import tensor_to_uint8, uint8_to_tensor
 from codec.io import read_config
@@ -81,6 +82,7 @@ class LearnedCodec:
         # per-channel latents_mean/latents_std
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.shift_factor = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+        self.activations = ActivationPeaks(self.vae)  # the largest |activation| per half, while evaluated
 
     def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
         """Images -> scaled latents (the posterior mean for KL autoencoders), on the CPU."""

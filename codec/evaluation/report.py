@@ -83,6 +83,18 @@ def _kid(kid: dict | None) -> str:
     return f"{1e3 * kid['mean']:.2f}{std}"
 
 
+def _activations(activations: dict | None, fallbacks: int | None) -> str:
+    """The cost table's activation cells: each half's largest magnitude, and whether fp16 holds it."""
+    if not activations:
+        return "<td>–</td><td>–</td>"
+    over = [half for half, bad in activations["fp16_overflows"].items() if bad]
+    verdict = f"overflows ({', '.join(over)})" if over else "fits"
+    if fallbacks:
+        verdict += f"; {fallbacks} batch(es) redone in fp32"
+    return (f"<td>{activations['encoder_max_abs']:.3g} / {activations['decoder_max_abs']:.3g}</td>"
+            f"<td class='{'bad' if over else ''}'>{escape(verdict)}</td>")
+
+
 def _cost(report: dict) -> str:
     rows, methods = [], set()
     for name, r in report["codecs"].items():
@@ -92,10 +104,12 @@ def _cost(report: dict) -> str:
             f"<tr><td class='name'>{escape(name)}</td><td class='name'>{escape(c['device'])}</td>"
             f"<td>{_num(c['parameters'])}</td><td>{_num(c['encode_images_per_s'], 2)}</td>"
             f"<td>{_num(c['decode_images_per_s'], 2)}</td><td>{_num(c['encode_megapixels_per_s'], 2)}</td>"
-            f"<td>{_num(c['decode_megapixels_per_s'], 2)}</td><td>{_num(c['peak_memory_mib'], 1)}</td></tr>")
+            f"<td>{_num(c['decode_megapixels_per_s'], 2)}</td><td>{_num(c['peak_memory_mib'], 1)}</td>"
+            f"{_activations(c.get('activations'), c.get('precision_fallbacks'))}</tr>")
     return ("<table><tr><th class='name'>codec</th><th class='name'>device</th><th>parameters</th>"
             "<th>encode img/s</th><th>decode img/s</th><th>encode MP/s</th><th>decode MP/s</th>"
-            f"<th>peak memory (MiB)</th></tr>{''.join(rows)}</table>"
+            "<th>peak memory (MiB)</th><th>max |activation| encoder / decoder</th><th>fp16</th>"
+            f"</tr>{''.join(rows)}</table>"
             f"<p class='meta'>Machine: {escape(report['machine'])}. One image at a time at full "
             "resolution; the first image is a warm-up and not timed. Peak memory: "
             f"{escape('; '.join(sorted(methods)))}, above what was in use before each call.</p>")
