@@ -153,3 +153,15 @@ def test_a_16_channel_teacher_distils_a_16_channel_student(c16_codec, image_fold
     build_student("test", latent_channels=4).save_pretrained(four)
     code = distill(distill_args(tmp_path / "bad", image_folder, c16_codec, "max_steps=1", f"model.init_from={four}"))
     assert_user_error(capsys, code, "latent channels")
+
+
+def test_fine_tuning_a_16_channel_codec_remeasures_its_scale_and_shift(c16_codec, image_folder, tmp_path):
+    """model.init_from an SD3/FLUX.1-layout folder (as diffusers saves those VAEs): the fine-tune keeps
+    16 channels and no quant convs, and measures a new scale and shift."""
+    out = tmp_path / "ft"
+    assert main(args(out, image_folder, "max_steps=1", f"model.init_from={c16_codec}", "loss.disc_weight=0",
+                     "loss.perceptual_weight=0")) == 0
+    config = json.loads((out / "codec" / "config.json").read_text())
+    assert config["latent_channels"] == 16 and config["use_post_quant_conv"] is False
+    stats = json.loads((out / "codec" / "vae_codec.json").read_text())["latent_stats"]
+    assert config["shift_factor"] == pytest.approx(stats["mean"]) and config["shift_factor"] != 0.05
