@@ -185,3 +185,24 @@ def test_eval_reports_activation_peaks_and_fp16_overflow(tmp_path, capsys):
     assert noisy["encoder_max_abs"] == pytest.approx(quiet["encoder_max_abs"])
     assert any(f"{loud}: activations reach decoder" in n for n in report["notices"])
     assert "overflows (decoder)" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_a_hub_codec_is_recognised_by_its_hub_config(tmp_path, monkeypatch):
+    """`--codec stabilityai/sd-vae-ft-mse` (the published-protocol command): the class is read from
+    the Hub's config.json (here a stand-in for hf_hub_download), not refused as a missing folder."""
+    import huggingface_hub
+
+    from codec.evaluation.references import autoencoder_class
+
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderTiny"}))
+    asked = []
+
+    def download(repo, filename, subfolder=None):
+        asked.append((repo, filename, subfolder))
+        return str(tmp_path / "config.json")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    assert autoencoder_class("madebyollin/taesd") == "AutoencoderTiny"
+    assert asked == [("madebyollin/taesd", "config.json", None)]
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        autoencoder_class(str(tmp_path / "not-here"))  # a local path is never sent to the Hub

@@ -17,6 +17,7 @@ import io
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from codec.evaluation.activations import ActivationPeaks
 from codec.factors import scale_latents
 from codec.images import tensor_to_uint8, uint8_to_tensor
 from codec.io import read_config
-from codec.models import count_parameters
+from codec.models import count_parameters, looks_like_hub_id
 
 LATENT_STORAGE_BITS = 16  # latents stored as fp16, the way latent datasets are usually kept
 CLASSICAL_FORMATS = {"jpeg": "JPEG", "webp": "WEBP"}  # our name -> Pillow format
@@ -52,14 +53,31 @@ def _sync(device: torch.device) -> None:
 
 
 def autoencoder_class(path: str | os.PathLike) -> str:
-    """The diffusers class named in a folder's config.json (a pipeline folder: its vae/)."""
+    """The diffusers class named in a folder's config.json (a pipeline folder: its vae/), or in a
+    Hugging Face Hub repository's (``stabilityai/sd-vae-ft-mse``; the Hub's cache serves it offline)."""
     config = read_config(path)
+    if config is None and looks_like_hub_id(str(path)):
+        config = hub_config(str(path))
     if config is None:
         raise FileNotFoundError(
             f"{path}: no config.json; pass a diffusers AutoencoderKL or AutoencoderTiny folder "
             "(or a pipeline folder with vae/)"
         )
     return config.get("_class_name", "AutoencoderKL")
+
+
+def hub_config(repo: str) -> dict | None:
+    """A Hub repository's VAE config.json (at its top or in vae/), None where it cannot be had."""
+    import json
+
+    from huggingface_hub import hf_hub_download
+
+    for subfolder in (None, "vae"):
+        try:
+            return json.loads(Path(hf_hub_download(repo, "config.json", subfolder=subfolder)).read_text())
+        except Exception:  # noqa: BLE001  (not there, offline without a cache, not a repo: try the next)
+            continue
+    return None
 
 
 class LearnedCodec:
