@@ -27,6 +27,9 @@ _KL_F8 = dict(
 # SD3 and FLUX.1: 16 latent channels, the moments straight from the encoder's last conv.
 _KL_F8_C16 = dict(_KL_F8, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
 
+# The `tiny` preset's widths and depth, shared by its 4- and 16-channel versions.
+_TINY_SHAPE = dict(block_out_channels=(32, 64, 128, 128), layers_per_block=1, norm_num_groups=16, sample_size=128)
+
 _SD3_F8C16 = dict(_KL_F8_C16, block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
                   sample_size=1024)
 
@@ -51,29 +54,14 @@ PRESETS: dict[str, dict] = {
         scaling_factor=1.0,
     ),
     # For CPUs and tests: narrow, one ResNet block per level.
-    "tiny": dict(
-        _KL_F8,
-        block_out_channels=(32, 64, 128, 128),
-        layers_per_block=1,
-        norm_num_groups=16,
-        sample_size=128,
-        scaling_factor=1.0,
-    ),
+    "tiny": dict(_TINY_SHAPE, **_KL_F8, scaling_factor=1.0),
     # SD3's VAE (83.8 M parameters): the kl-f8 topology with 16 latent channels and no
     # quant_conv / post_quant_conv; latents normalised by scale and shift.
     "sd3-f8c16": dict(_SD3_F8C16, scaling_factor=1.5305, shift_factor=0.0609),
     # FLUX.1's VAE: the same network as SD3's, its own factors.
     "flux-f8c16": dict(_SD3_F8C16, scaling_factor=0.3611, shift_factor=0.1159),
     # The SD3/FLUX.1 layout at the `tiny` preset's CPU size (factors measured at export).
-    "tiny-c16": dict(
-        _KL_F8_C16,
-        block_out_channels=(32, 64, 128, 128),
-        layers_per_block=1,
-        norm_num_groups=16,
-        sample_size=128,
-        scaling_factor=1.0,
-        shift_factor=0.0,
-    ),
+    "tiny-c16": dict(_TINY_SHAPE, **_KL_F8_C16, scaling_factor=1.0, shift_factor=0.0),
     # Unit tests only: the smallest kl-f8 diffusers accepts.
     "test": dict(
         _KL_F8,
