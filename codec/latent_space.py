@@ -62,7 +62,9 @@ def space_of(vae, meta: dict | None = None, where: str | None = None, encoder_ha
     ``encoder_hash``: a function giving :func:`encoder_sha256`, for callers that keep it)."""
     factors = _factors(vae.config)
     teacher = ((meta or {}).get("latent_stats") or {}).get("teacher_space")
-    if teacher and _is_identity(factors):  # a distilled student still on its teacher's scaled latents
+    # A distilled student still on its teacher's scaled latents (identity factors), or a codec
+    # fine-tuned to keep its teacher's latents (train's fp16_safe: the teacher's factors).
+    if teacher and (_is_identity(factors) or factors == {k: teacher.get(k) for k in factors}):
         return {**teacher, "codec": where or teacher.get("codec")}
     channels = vae.config.get("latent_size") or vae.config.get("latent_channels")
     digest = encoder_hash() if encoder_hash else encoder_sha256(vae)

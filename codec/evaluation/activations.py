@@ -18,19 +18,24 @@ import torch
 FP16_MAX = 65504.0
 
 
+def leaf_modules(vae):
+    """(half, module) for every leaf module of the encoder (with ``quant_conv``) and the decoder
+    (with ``post_quant_conv``): the outputs whose magnitudes fp16 must hold."""
+    halves = {"encoder": [getattr(vae, "encoder", None), getattr(vae, "quant_conv", None)],
+              "decoder": [getattr(vae, "post_quant_conv", None), getattr(vae, "decoder", None)]}
+    for half, parts in halves.items():
+        for part in parts:
+            if part is None:
+                continue
+            for module in part.modules():
+                if not any(True for _ in module.children()):
+                    yield half, module
+
+
 class ActivationPeaks:
     def __init__(self, vae):
         self.peaks = {"encoder": 0.0, "decoder": 0.0}
-        self._handles = []
-        halves = {"encoder": [getattr(vae, "encoder", None), getattr(vae, "quant_conv", None)],
-                  "decoder": [getattr(vae, "post_quant_conv", None), getattr(vae, "decoder", None)]}
-        for half, parts in halves.items():
-            for part in parts:
-                if part is None:
-                    continue
-                for module in part.modules():
-                    if not any(True for _ in module.children()):
-                        self._handles.append(module.register_forward_hook(self._hook(half)))
+        self._handles = [module.register_forward_hook(self._hook(half)) for half, module in leaf_modules(vae)]
 
     def _hook(self, half: str):
         def record(module, inputs, output):

@@ -119,6 +119,18 @@ class LossConfig:
 
 
 @dataclass
+class FP16SafeConfig:
+    """Fine-tune ``model.init_from`` so every activation of its encoder and decoder stays within
+    ``bound`` while its outputs stay the original's (its teacher); see
+    :mod:`train.autoencoder.recipes.fp16_safe`. On when ``bound`` > 0."""
+
+    bound: float = 0.0  # largest |activation| allowed; below fp16's 65504 (1000 leaves 65x headroom)
+    activation_weight: float = 1.0  # weight of the penalty on activations beyond the bound
+    latent_weight: float = 1.0  # weight of the encoder's match to the teacher's posterior (mean and std)
+    rescale: bool = True  # first scale down GroupNorm-fed convolutions (free: outputs unchanged)
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-4
     disc_lr: float | None = None  # None: same as lr
@@ -138,6 +150,7 @@ class TrainConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    fp16_safe: FP16SafeConfig = field(default_factory=FP16SafeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     output_dir: str = "runs/default"
     seed: int = 0
@@ -164,6 +177,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
     return _config.load_config(path, overrides, TrainConfig)
 
 
+FP16_MAX = 65504.0  # fp16's largest finite value (codec.evaluation.activations.FP16_MAX; torch-free here)
+
 # The valid range of every numeric key (train.common.ranges); image_every / val_every 0 mean off.
 TRAIN_RANGES = {
     "model.latent_channels": AT_LEAST_ONE,
@@ -180,6 +195,8 @@ TRAIN_RANGES = {
     "loss.disc_channels": AT_LEAST_ONE, "loss.equivariance_weight": NON_NEGATIVE,
     "loss.equivariance_p_prior": "[0, 1]", "loss.equivariance_p_prior_s": "[0, 1]",
     "loss.equivariance_min_scale": "(0, 1)",
+    "fp16_safe.bound": "[0, 65504)", "fp16_safe.activation_weight": NON_NEGATIVE,
+    "fp16_safe.latent_weight": NON_NEGATIVE,
     "optim.lr": POSITIVE, "optim.disc_lr": POSITIVE, "optim.betas": SHARE, "optim.weight_decay": NON_NEGATIVE,
     "optim.warmup_steps": NON_NEGATIVE, "optim.min_lr_ratio": "[0, 1]", "optim.max_grad_norm": NON_NEGATIVE,
     "seed": NON_NEGATIVE, "batch_size": AT_LEAST_ONE, "grad_accum": AT_LEAST_ONE, "max_steps": AT_LEAST_ONE,
@@ -220,6 +237,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"loss.equivariance_weight must be >= 0, got {cfg.loss.equivariance_weight}")
     if cfg.loss.equivariance_weight > 0:
         validate_equivariance(cfg)
+    if cfg.fp16_safe.bound:
+        validate_fp16_safe(cfg)
     if len(cfg.optim.betas) != 2:
         raise ValueError(f"optim.betas must have two values, got {cfg.optim.betas}")
     check_ranges(cfg, TRAIN_RANGES)
@@ -252,6 +271,34 @@ def validate_equivariance(cfg: TrainConfig) -> None:
         raise ValueError(f"EQ-VAE shrinks {cfg.data.crop_size}-px crops to {8 * smallest} px, smaller than the "
                          f"{needs} px a {loss.disc_layers}-layer discriminator takes; use data.crop_size >= "
                          f"{8 * math.ceil(needs / 8 / loss.equivariance_min_scale)} (the paper trains at 256)")
+
+
+def validate_fp16_safe(cfg: TrainConfig) -> None:
+    """``fp16_safe``: a kl-f8 codec to start from, a bound fp16 holds, the teacher-matching loss alone."""
+    bound = cfg.fp16_safe.bound
+    if not (0 < bound < FP16_MAX):  # nan fails too
+        raise ValueError(f"fp16_safe.bound {bound} must be in (0, {FP16_MAX:.0f}): fp16 cannot hold activations "
+                         f"beyond its largest finite value, {FP16_MAX:.0f}; use a bound well inside, e.g. 1000 "
+                         "(or 0 for off)")
+    if cfg.model.kind != "kl-f8" or not cfg.model.init_from:
+        raise ValueError("fp16_safe.bound > 0 fine-tunes an existing kl-f8 codec: set model.init_from to its folder "
+                         f"(model.kind kl-f8; got kind {cfg.model.kind}, init_from {cfg.model.init_from})")
+    # Its loss is the teacher's outputs plus the bound; these would be ignored, so they are refused.
+    unsupported = {"loss.disc_weight": cfg.loss.disc_weight > 0, "loss.equivariance_weight":
+                   cfg.loss.equivariance_weight > 0, "loss.learn_logvar": cfg.loss.learn_logvar,
+                   "model.train_decoder_only": cfg.model.train_decoder_only,
+                   # the penalty is taken in forward hooks, which a checkpointed recompute would skip
+                   "model.gradient_checkpointing": cfg.model.gradient_checkpointing,
+                   "model.latent_channels": cfg.model.latent_channels is not None}
+    bad = [k for k, on in unsupported.items() if on]
+    if bad:
+        raise ValueError(f"fp16_safe: {bad} do not apply to the fp16-safe fine-tune (it matches the original "
+                         "codec's outputs); unset them")
+    from codec.sources.kinds import is_stream  # late: a config error must not wait for torch
+
+    if any(is_stream(s, cfg.data.streaming) for s in cfg.data.train):
+        raise ValueError("fp16_safe measures the codec's activations on the first training images before it starts: "
+                         "use indexed sources (folders, .tar shards, datasets), not streams")
 
 
 def validate_data(cfg: TrainConfig) -> None:

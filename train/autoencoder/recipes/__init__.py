@@ -55,6 +55,8 @@ RECIPES = {
 
 
 def recipe_for(cfg):
-    """The recipe of ``cfg.model.kind`` (checked by ``train.autoencoder.config.validate``)."""
-    module, name = RECIPES[cfg.model.kind]
+    """The recipe of ``cfg.model.kind`` (checked by ``train.autoencoder.config.validate``); a kl-f8
+    fine-tune with ``fp16_safe.bound`` > 0 is :class:`~train.autoencoder.recipes.fp16_safe.FP16SafeRecipe`."""
+    module, name = (("train.autoencoder.recipes.fp16_safe", "FP16SafeRecipe") if cfg.fp16_safe.bound > 0
+                    else RECIPES[cfg.model.kind])
     return getattr(importlib.import_module(module), name)(cfg)
