@@ -36,8 +36,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 VGG16_RELU5_3 = 30  # torchvision vgg16().features[:30]: 13 convs, 4 max-pools (stride 16), relu5_3
 
 
-class FoundationModelUnavailable(RuntimeError):
-    """A foundation model that cannot be loaded (the message names it and the offline one)."""
+class FoundationModelUnavailable(ValueError):
+    """A foundation model that cannot be loaded (the message names it and the offline one): a
+    setting that cannot be served, so the commands report it in one line."""
 
 
 class FoundationModel(nn.Module):
