@@ -207,3 +207,26 @@ def test_eval_reports_each_codecs_alignment(tmp_path, capsys, vgg16):
     assert got["cosine_term"] == pytest.approx(sum(t[0] for t in terms) / 2, rel=1e-4)
     assert got["distance_term"] == pytest.approx(sum(t[1] for t in terms) / 2, rel=1e-4, abs=1e-6)
     assert "alignment with vgg16" in (out / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_the_projector_under_ddp(tmp_path, image_folder, vgg16):
+    """`accelerate launch` with 2 processes: the projector is part of the DDP-wrapped model."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "train",
+           *vf_args(out, image_folder, "vgg16", "max_steps=2", "checkpoint_every=1")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    first, last = (load_file(out / "checkpoints" / f"step_{s:08d}" / "model.safetensors")["projector.weight"]
+                   for s in (1, 2))
+    assert not torch.equal(first, last)
+    assert not any("projector" in k for k in weights(out / "codec"))
