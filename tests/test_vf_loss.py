@@ -116,7 +116,8 @@ def test_foundation_models_give_frozen_features_on_a_16_px_token_grid(dinov2, vg
     assert match_grid(torch.ones(1, 4, 4, 6), (2, 3)).shape == (1, 4, 2, 3)
 
 
-def test_a_run_with_a_dinov2_resumes_exactly_and_exports_a_plain_autoencoder_kl(tmp_path, image_folder, dinov2):
+def test_a_run_with_a_dinov2_resumes_exactly_and_exports_a_plain_autoencoder_kl(tmp_path, image_folder, dinov2,
+                                                                                 capsys):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(vf_args(straight, image_folder, dinov2, "max_steps=6")) == 0
     assert main(vf_args(resumed, image_folder, dinov2, "max_steps=3")) == 0
@@ -133,6 +134,10 @@ def test_a_run_with_a_dinov2_resumes_exactly_and_exports_a_plain_autoencoder_kl(
     assert not any("projector" in k for k in a)
     vae = AutoencoderKL.from_pretrained(straight / "codec")  # diffusers loads the export as it is
     assert set(vae.state_dict()) == set(a)
+    # Resuming it without the VF loss is refused in one line (not accelerate's missing-key traceback).
+    assert main(args(resumed, image_folder, "max_steps=7", "resume=true", "loss.perceptual_weight=0",
+                     "loss.disc_weight=0")) == 2
+    assert "trained with a VF projector to 16 channels, this run has no VF loss" in capsys.readouterr().err
     log = [json.loads(line) for line in (straight / "train_log.jsonl").read_text().splitlines()]
     assert all(e["vf_cos"] >= 0 and e["vf_distance"] >= 0 and e["vf_weight"] > 0 for e in log)
 

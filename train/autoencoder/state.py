@@ -16,6 +16,7 @@ from train.autoencoder.config import TrainConfig
 from train.autoencoder.discriminator import PatchDiscriminator
 from train.autoencoder.losses import GeneratorLoss
 from train.autoencoder.recipes import recipe_for
+from train.autoencoder.vf_loss import check_resumable
 from train.common import checkpoints as ckpt
 from train.common import session as runs
 from train.common.guards import NonFiniteGuard
@@ -78,6 +79,8 @@ def build_run(cfg: TrainConfig, accelerator: Accelerator, resume_from: Path | No
         vae.quant_conv.requires_grad_(False)
     model = recipe.wrap(vae)  # kl-f8 with loss.vf_weight: the VF projector inside, trained beside the codec
     vf = recipe.vf_loss()
+    if resume_from:
+        check_resumable(resume_from, getattr(model, "projector", None))
     gen_loss = GeneratorLoss(cfg.loss, recipe.perceptual_net(), vf)
     disc = (PatchDiscriminator(channels=cfg.loss.disc_channels, layers=cfg.loss.disc_layers)
             if cfg.loss.disc_weight > 0 else None)

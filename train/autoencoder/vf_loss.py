@@ -70,3 +70,23 @@ class VFLoss:
         if grad_scale is not None:
             factor = torch.nan_to_num(factor, nan=0.0)  # inf/inf from an fp16 overflow: the scaler skips the step
         return factor * self.cfg.vf_weight
+
+
+def check_resumable(checkpoint, projector: nn.Module | None) -> None:
+    """Refuse to resume a checkpoint whose VF projector (or its absence) differs from this run's:
+    accelerate would otherwise fail on a missing or unexpected ``projector.weight`` with a traceback."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    weights = Path(checkpoint) / "model.safetensors"  # accelerate's file of the first prepared model
+    if not weights.exists():
+        return
+    with safe_open(str(weights), "pt") as f:
+        saved = tuple(f.get_slice("projector.weight").get_shape()) if "projector.weight" in f.keys() else None
+    now = tuple(projector.weight.shape) if projector is not None else None
+    if saved != now:
+        describe = lambda shape: "no VF loss" if shape is None else f"a VF projector to {shape[0]} channels"  # noqa: E731
+        raise ValueError(f"cannot resume from {checkpoint}: it was trained with {describe(saved)}, this run has "
+                         f"{describe(now)}; resume with that run's loss.vf_weight and loss.vf_model, or start a "
+                         "new output_dir")
