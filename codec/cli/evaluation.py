@@ -36,6 +36,10 @@ def register(sub) -> None:
     p.add_argument("--transforms", default=",".join(DEFAULT_TRANSFORMS),
                    help="comma-separated transforms of the latent-space measures (equivariance error; "
                         f"from {', '.join(TRANSFORMS)}), or 'none' to leave the measures out")
+    p.add_argument("--vf-model", default=None, metavar="MODEL",
+                   help="also measure how aligned each codec's latents are with this vision foundation model "
+                        "(VA-VAE's cosine and distance-matrix terms): dinov2-small, dinov2-base, a DINOv2 Hub id "
+                        "or folder (needs transformers), or vgg16 (offline)")
     # The vanilla VAE baseline (MLPVAE codecs) is evaluated as in the VAE literature (vae_eval).
     p.add_argument("--nll-samples", type=int, default=None,
                    help="MLP VAE codecs: importance samples k for log p(x) (Burda et al. use 5000; 0: ELBO only)")
@@ -87,6 +91,8 @@ def cmd_eval(args) -> int:
     from codec.evaluation.evaluate import evaluate, summary_table
     from codec.io import is_mlp_vae
 
+    if args.vf_model is not None and any(is_mlp_vae(c) for c in args.codec):
+        raise ValueError("--vf-model measures a latent grid's alignment; an MLP VAE has none")
     if any(is_mlp_vae(c) for c in args.codec) or is_array_source(args.data):
         from codec.baseline.evaluate import evaluate_vae, summary
 
@@ -110,7 +116,8 @@ def cmd_eval(args) -> int:
                       limit=args.limit, worst=args.worst, crop_size=args.crop,
                       classical=not args.no_classical, image_column=args.image_column, split=args.split,
                       streaming=args.streaming, max_memory=args.max_memory, protocol=args.protocol,
-                      transforms=[] if args.transforms == "none" else args.transforms.split(","))
+                      transforms=[] if args.transforms == "none" else args.transforms.split(","),
+                      vf_model=args.vf_model)
     if int(os.environ.get("RANK", "0")):
         return 0  # the main process reports
     print(summary_table(report))

@@ -7,7 +7,8 @@ resolution, writes to ``--out``:
 * ``metrics.json``: per codec, mean/std of PSNR, SSIM, MS-SSIM, LPIPS (AlexNet, VGG), bits per
   pixel, rFID (when Inception can be loaded), latent statistics, latent-space measures
   (equivariance error under ``transforms`` and the high-frequency share of the latents'
-  spectrum, :mod:`codec.equivariance`) and cost;
+  spectrum, :mod:`codec.equivariance`; with ``vf_model``, the alignment of the latents with a
+  vision foundation model, VA-VAE's two terms, :mod:`codec.alignment`) and cost;
 * ``per_image.csv``: one row per (image, codec);
 * ``comparison.png`` (worst images of the first codec, crops side by side) and
   ``latents_*.png`` (latent histograms);
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from codec.alignment import AlignmentMeasures
 from codec.equivariance import DEFAULT_TRANSFORMS, LatentMeasures, check_transforms
 from codec.evaluation.activations import FP16_MAX
 from codec.evaluation.activations import merged as merged_activations
@@ -93,11 +95,12 @@ def evaluate(codecs: list[str], data: str, out: str, device: str | None = None,
              dtype: str = "fp32", limit: int = 0, worst: int = 4, crop_size: int = 128,
              classical: bool = True, transforms: list[str] | None = DEFAULT_TRANSFORMS,
              image_column: str = "image", split: str = "train", streaming: bool = False,
-             max_memory: int | str | None = None, protocol: int | None = None) -> dict:
+             max_memory: int | str | None = None, protocol: int | None = None, vf_model: str | None = None) -> dict:
     """Evaluate ``codecs`` (+ JPEG/WebP) on ``data``; write everything to ``out``; return the
     report (what ``metrics.json`` holds). ``transforms``: those of the equivariance measures
     (empty or None: no latent-space measures). ``protocol``: None for full resolution, or the
-    side of the published protocol's square (256)."""
+    side of the published protocol's square (256). ``vf_model``: a foundation model
+    (:func:`codec.foundation.load_foundation`) to measure the latents' alignment with, or None."""
     if worst < 0 or crop_size < 8:
         raise ValueError(f"--worst must be >= 0 and --crop >= 8, got {worst} and {crop_size}")
     check_protocol(protocol)
@@ -114,6 +117,11 @@ def evaluate(codecs: list[str], data: str, out: str, device: str | None = None,
     names = _labels([str(p) for p in codecs])
     dev = learned[0].device
     budget = parse_memory(max_memory)
+    foundation = None
+    if vf_model:
+        from codec.foundation import load_foundation
+
+        foundation = load_foundation(vf_model, where="--vf-model").to(dev)
     lpips = {"alex": LPIPSMetric("alex", dev, budget), "vgg": LPIPSMetric("vgg", dev, budget)}
     notices = []
     checked = []
@@ -159,10 +167,11 @@ def evaluate(codecs: list[str], data: str, out: str, device: str | None = None,
         name, subject = subjects[i]
         piece = _run_subject(subject, good, shares.mine(len(good)), lpips, rfid, crop_size,
                              None if i == 0 else {j: windows[j] for j in picks}, transforms, protocol,
-                             progress=shares.is_main)
+                             progress=shares.is_main, foundation=foundation)
         res = _combine(subject, shares.gather(piece), rfid)
         results[name] = res["summary"]
         notices += _overflow_notice(name, res["summary"]["cost"]["activations"])
+        notices += _alignment_notice(name, res["summary"]["latents"])
         rows += [{"codec": name, **r} for r in res["rows"]]
         if res["hist"] is not None:
             hists[name] = res["hist"]
@@ -199,7 +208,7 @@ def evaluate(codecs: list[str], data: str, out: str, device: str | None = None,
 
 
 def _run_subject(subject, good, mine, lpips, rfid, crop_size, windows, transforms=None, protocol=None,
-                 progress=True) -> dict:
+                 progress=True, foundation=None) -> dict:
     """One codec over this process's images (``mine``: indices into ``good``): metrics per image,
     latent statistics, Inception features, timings, crops. :func:`_combine` joins the pieces of
     every process.
@@ -211,7 +220,8 @@ def _run_subject(subject, good, mine, lpips, rfid, crop_size, windows, transform
     piece = {"rows": [], "crops": {}, "found": {}, "real": [], "fake": [], "enc_s": 0.0, "dec_s": 0.0,
              "timed": 0, "pixels": 0,
              "stats": LatentStats() if subject.learned else None,
-             "space": LatentMeasures(transforms) if subject.learned and transforms else None}
+             "space": LatentMeasures(transforms) if subject.learned and transforms else None,
+             "alignment": AlignmentMeasures(foundation) if subject.learned and foundation is not None else None}
     take_real = rfid is not None and rfid.real is None
     memory = PeakMemory(subject.device)
     for k, j in enumerate(tqdm(mine, desc=f"eval {subject.path[-40:]}", unit="img", disable=not progress)):
@@ -229,6 +239,8 @@ def _run_subject(subject, good, mine, lpips, rfid, crop_size, windows, transform
             piece["stats"].update(rec.latents, rec.mean, rec.logvar)
         if piece["space"] is not None:
             piece["space"].update(subject.encode_latents, subject.decode_latents, x, rec.latents)
+        if piece["alignment"] is not None:  # the unscaled posterior mean where there is one (the VF loss's z)
+            piece["alignment"].update(x, rec.mean if rec.mean is not None else rec.latents)
         if rfid is not None:
             if take_real:
                 piece["real"].append((j, rfid.features(x)))
@@ -260,8 +272,18 @@ def _overflow_notice(name: str, activations: dict | None) -> list[str]:
             "such batches in float32 (use bf16, or fp32)"]
 
 
+def _alignment_notice(name: str, latents: dict | None) -> list[str]:
+    """Say how many images the alignment measures left out (sides not multiples of 16)."""
+    alignment = (latents or {}).get("alignment")
+    if not alignment or not alignment["left_out"]:
+        return []
+    return [f"{name}: alignment with {alignment['model']} measured on {alignment['images']} image(s); "
+            f"{alignment['left_out']} left out, their sides not multiples of 16 px (one token per 16 px; "
+            "--protocol 256 gives every image a whole grid)"]
+
+
 def _merged(accumulators):
-    """One LatentStats / LatentMeasures holding what every process's saw (None if none kept any)."""
+    """One LatentStats / LatentMeasures / AlignmentMeasures holding what every process's saw (None if none kept any)."""
     kept = [a for a in accumulators if a is not None]
     for other in kept[1:]:
         kept[0].merge(other)
@@ -280,6 +302,7 @@ def _combine(subject, pieces: list[dict], rfid) -> dict:
             rfid.real = ordered("real")
         fid = rfid.score(ordered("fake"))
     stats, space = _merged(p["stats"] for p in pieces), _merged(p["space"] for p in pieces)
+    alignment = _merged(p["alignment"] for p in pieces)
     enc_s, dec_s = sum(p["enc_s"] for p in pieces), sum(p["dec_s"] for p in pieces)
     timed, pixels = sum(p["timed"] for p in pieces), sum(p["pixels"] for p in pieces)
     latents = None
@@ -287,7 +310,8 @@ def _combine(subject, pieces: list[dict], rfid) -> dict:
         latents = {**stats.result(), "scaling_factor": subject.scaling_factor,
                    "shift_factor": subject.shift_factor,
                    "posterior": "mean" if subject.kind == "AutoencoderKL" else "deterministic",
-                   "space": space.result() if space is not None else None}
+                   "space": space.result() if space is not None else None,
+                   "alignment": alignment.result() if alignment is not None else None}
     summary = {
         "path": subject.path, "kind": subject.kind, "learned": subject.learned,
         "bpp": summarize([r["bpp"] for r in rows]),
@@ -391,14 +415,29 @@ def summary_table(report: dict) -> str:
     spaces = {name: r["latents"]["space"] for name, r in report["codecs"].items()
               if r.get("latents") and r["latents"].get("space")}
     if not spaces:
-        return table
+        return table + _alignment_table(report)
     names = list(next(iter(spaces.values()))["transforms"])
     head = ["codec", "HF share"] + [f"eq err {t}" for t in names] + [f"PSNR {t}" for t in names]
     cell = lambda v, digits: "-" if v is None else f"{v:.{digits}f}"  # noqa: E731
     lines = [[name, cell(sp["high_frequency_share"], 4)]
              + [cell(sp["transforms"][t]["latent_error"], 4) for t in names]
              + [cell(sp["transforms"][t]["decoded_psnr"], 2) for t in names] for name, sp in spaces.items()]
-    return table + "\n\nlatent space (codec.equivariance):\n" + _fixed_width(head, lines)
+    table += "\n\nlatent space (codec.equivariance):\n" + _fixed_width(head, lines)
+    return table + _alignment_table(report)
+
+
+def _alignment_table(report: dict) -> str:
+    """VA-VAE's alignment terms per codec (empty without --vf-model)."""
+    aligned = {name: r["latents"]["alignment"] for name, r in report["codecs"].items()
+               if r.get("latents") and r["latents"].get("alignment")}
+    if not aligned:
+        return ""
+    cell = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    head = ["codec", "cosine term", "distance term", "mean cos", "mean |d cos|", "images"]
+    lines = [[name, cell(a["cosine_term"]), cell(a["distance_term"]), cell(a["mean_cosine"]),
+              cell(a["mean_distance_error"]), str(a["images"])] for name, a in aligned.items()]
+    model = next(iter(aligned.values()))["model"]
+    return f"\n\nalignment with {model} (codec.alignment; lower terms: more aligned):\n" + _fixed_width(head, lines)
 
 
 def _fixed_width(head: list[str], lines: list[list[str]]) -> str:

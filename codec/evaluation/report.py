@@ -131,7 +131,7 @@ def _latents(report: dict, histograms: dict) -> str:
             f"<tr><td class='name'>per-channel mean</td><td>{means}</td></tr>"
             f"<tr><td class='name'>per-channel std</td><td>{stds}</td></tr>"
             f"<tr><td class='name'>KL to N(0, I) per latent element</td><td>{kl}</td></tr>"
-            f"{_space_rows(lat.get('space'))}</table>")
+            f"{_space_rows(lat.get('space'))}{_alignment_rows(lat.get('alignment'))}</table>")
         if name in histograms:
             parts.append(f"<img alt='latent histogram of {escape(name)}' src='{histograms[name]}'>")
     if not parts:
@@ -151,6 +151,19 @@ def _space_rows(space: dict | None) -> str:
         rows.append(f"<tr><td class='name'>{escape(name)}: equivariance error / PSNR of D(τ E(x))</td>"
                     f"<td>{_num(t['latent_error'])} / {_num(t['decoded_psnr'], 2)} dB</td></tr>")
     return "".join(rows)
+
+
+def _alignment_rows(alignment: dict | None) -> str:
+    """VA-VAE's alignment with a foundation model (codec.alignment) as table rows."""
+    if not alignment:
+        return ""
+    model = escape(str(alignment["model"]))
+    return (f"<tr><td class='name'>alignment with {model}: cosine term / distance term (margins "
+            f"{alignment['cos_margin']:g} / {alignment['distance_margin']:g})</td>"
+            f"<td>{_num(alignment['cosine_term'])} / {_num(alignment['distance_term'])}</td></tr>"
+            f"<tr><td class='name'>alignment with {model}: mean cosine / mean |Δ cos| of position pairs "
+            f"({alignment['images']} images, projection fitted per image)</td>"
+            f"<td>{_num(alignment['mean_cosine'])} / {_num(alignment['mean_distance_error'])}</td></tr>")
 
 
 def _figure(src: str, caption: str, size: int) -> str:

@@ -116,6 +116,16 @@ class LossConfig:
     equivariance_min_scale: float = 0.25
     equivariance_anisotropic: bool = False  # published: independent scales for height and width (the paper's option)
     equivariance_transforms: list[str] = field(default_factory=lambda: ["down2", "down4", "rot90"])  # additive
+    # VA-VAE's vision-foundation alignment (Yao et al. 2025; train/autoencoder/vf_loss.py), on when
+    # vf_weight > 0 (the reference's 0.1): a 1x1 projector (trained, never exported) maps the sampled
+    # latents to the features of vf_model (codec.foundation: dinov2-small, dinov2-base, a DINOv2 Hub id
+    # or folder, or vgg16, the offline one); the cosine and distance-matrix terms with their margins,
+    # x vf_weight x (vf_adaptive) |grad nll| / |grad vf| at the encoder's last conv, clamped to 1e8.
+    vf_weight: float = 0.0
+    vf_model: str = "dinov2-small"
+    vf_margin_cos: float = 0.5
+    vf_margin_distance: float = 0.25
+    vf_adaptive: bool = True
 
 
 @dataclass
@@ -194,9 +204,10 @@ TRAIN_RANGES = {
     "loss.disc_start": NON_NEGATIVE, "loss.disc_factor": NON_NEGATIVE, "loss.disc_layers": AT_LEAST_ONE,
     "loss.disc_channels": AT_LEAST_ONE, "loss.equivariance_weight": NON_NEGATIVE,
     "loss.equivariance_p_prior": "[0, 1]", "loss.equivariance_p_prior_s": "[0, 1]",
-    "loss.equivariance_min_scale": "(0, 1)",
     "fp16_safe.bound": "[0, 65504)", "fp16_safe.activation_weight": NON_NEGATIVE,
     "fp16_safe.latent_weight": NON_NEGATIVE,
+    "loss.equivariance_min_scale": "(0, 1)", "loss.vf_weight": NON_NEGATIVE, "loss.vf_margin_cos": "[0, 2]",
+    "loss.vf_margin_distance": "[0, 2]",
     "optim.lr": POSITIVE, "optim.disc_lr": POSITIVE, "optim.betas": SHARE, "optim.weight_decay": NON_NEGATIVE,
     "optim.warmup_steps": NON_NEGATIVE, "optim.min_lr_ratio": "[0, 1]", "optim.max_grad_norm": NON_NEGATIVE,
     "seed": NON_NEGATIVE, "batch_size": AT_LEAST_ONE, "grad_accum": AT_LEAST_ONE, "max_steps": AT_LEAST_ONE,
@@ -239,6 +250,8 @@ def validate(cfg: TrainConfig) -> None:
         validate_equivariance(cfg)
     if cfg.fp16_safe.bound:
         validate_fp16_safe(cfg)
+    if cfg.loss.vf_weight > 0:
+        validate_vf(cfg)
     if len(cfg.optim.betas) != 2:
         raise ValueError(f"optim.betas must have two values, got {cfg.optim.betas}")
     check_ranges(cfg, TRAIN_RANGES)
@@ -286,7 +299,7 @@ def validate_fp16_safe(cfg: TrainConfig) -> None:
     # Its loss is the teacher's outputs plus the bound; these would be ignored, so they are refused.
     unsupported = {"loss.disc_weight": cfg.loss.disc_weight > 0, "loss.equivariance_weight":
                    cfg.loss.equivariance_weight > 0, "loss.learn_logvar": cfg.loss.learn_logvar,
-                   "model.train_decoder_only": cfg.model.train_decoder_only,
+                   "loss.vf_weight": cfg.loss.vf_weight > 0, "model.train_decoder_only": cfg.model.train_decoder_only,
                    # the penalty is taken in forward hooks, which a checkpointed recompute would skip
                    "model.gradient_checkpointing": cfg.model.gradient_checkpointing,
                    "model.latent_channels": cfg.model.latent_channels is not None}
@@ -299,6 +312,23 @@ def validate_fp16_safe(cfg: TrainConfig) -> None:
     if any(is_stream(s, cfg.data.streaming) for s in cfg.data.train):
         raise ValueError("fp16_safe measures the codec's activations on the first training images before it starts: "
                          "use indexed sources (folders, .tar shards, datasets), not streams")
+
+
+def validate_vf(cfg: TrainConfig) -> None:
+    """VA-VAE's alignment: a kl-f8 encoder that trains, and crops with a whole token grid."""
+    if cfg.model.kind != "kl-f8":
+        raise ValueError(f"loss.vf_weight aligns a kl-f8 codec's latents; model.kind {cfg.model.kind} is refused "
+                         "(an MLP VAE has no latent grid, a distilled student's latents are its teacher's): set "
+                         "loss.vf_weight=0")
+    if cfg.model.train_decoder_only:
+        raise ValueError("loss.vf_weight trains the encoder, which model.train_decoder_only freezes; unset one")
+    if cfg.loss.equivariance_weight > 0:
+        raise ValueError("loss.vf_weight with loss.equivariance_weight: EQ-VAE's transformed steps change the "
+                         "images the latents come from; use one of them")
+    if cfg.data.crop_size % 16:
+        raise ValueError(f"loss.vf_weight: the foundation model's token grid (one token per 16 px) cannot be "
+                         f"matched to the {cfg.data.crop_size // 8}x{cfg.data.crop_size // 8} latent grid of "
+                         f"{cfg.data.crop_size}-px crops; use a data.crop_size that is a multiple of 16")
 
 
 def validate_data(cfg: TrainConfig) -> None:

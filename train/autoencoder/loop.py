@@ -72,7 +72,7 @@ def generator_step(run: Run, x: torch.Tensor, batch: dict) -> tuple[StepResult, 
     acc = run.accelerator
     ctx = StepContext(model=run.model, raw_model=run.raw_vae, step=run.state.step, rank=acc.process_index,
                       gen_loss=run.gen_loss, disc=run.raw_disc, last_layer=run.last_layer,
-                      grad_scale=loss_scale(acc))
+                      grad_scale=loss_scale(acc), encoder_last_layer=run.encoder_last_layer)
     with acc.autocast():
         result = run.recipe.loss(ctx, x, batch)
     acc.backward(result.loss)

@@ -11,6 +11,9 @@
              :meth:`GeneratorLoss.reconstruction`), added × equivariance_weight by the kl-f8 recipe.
              (The published mode takes the whole loss above on a transformed pair instead:
              :mod:`train.autoencoder.eq_vae`.)
+    VF     = vf_weight · w · (cosine + distance term) of the projected latents against a frozen
+             foundation model's features, w = ‖∇_E nll‖ / (‖∇_E vf‖ + 1e-4) at the encoder's last
+             conv E (VA-VAE; :mod:`train.autoencoder.vf_loss`), added to G beside the KL term.
 
 Every function returns ``(loss, logs)`` with plain floats in ``logs``.
 
@@ -44,10 +47,14 @@ class LogVar(nn.Module):
 class GeneratorLoss:
     """Reconstruction + LPIPS + KL (+ adversarial) for the autoencoder."""
 
-    def __init__(self, cfg: LossConfig, lpips_model: nn.Module | None):
+    def __init__(self, cfg: LossConfig, lpips_model: nn.Module | None, vf=None):
+        """``vf``: VA-VAE's alignment term (train.autoencoder.vf_loss.VFLoss), None when off."""
         if cfg.perceptual_weight > 0 and lpips_model is None:
             raise ValueError("perceptual_weight > 0 needs an LPIPS model")
+        if (cfg.vf_weight > 0) != (vf is not None):
+            raise ValueError("loss.vf_weight > 0 needs a VFLoss, and a VFLoss needs loss.vf_weight > 0")
         self.cfg = cfg
+        self.vf = vf
         # Channels-last: oneDNN runs LPIPS' VGG forward and backward ~18 % faster on channels-last
         # tensors than on NCHW ones (CPU, batch 4, 128², one thread); the values are the same.
         self.lpips = lpips_model.to(memory_format=torch.channels_last) if lpips_model is not None else None
@@ -59,6 +66,8 @@ class GeneratorLoss:
 
     def to(self, device) -> "GeneratorLoss":
         self.logvar_state.to(device)
+        if self.vf is not None:
+            self.vf.to(device)
         if self.lpips is not None:
             self.lpips.to(device)
         return self
@@ -72,16 +81,26 @@ class GeneratorLoss:
         disc: nn.Module | None = None,
         last_layer: torch.Tensor | None = None,
         grad_scale: torch.Tensor | None = None,
+        projected: torch.Tensor | None = None,
+        encoder_last: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict]:
         """``grad_scale``: fp16's loss scale as a tensor (:func:`loss_scale`), which
-        the backward of the returned loss will be multiplied by; None without loss scaling."""
+        the backward of the returned loss will be multiplied by; None without loss scaling.
+        ``projected``: the VF projector's output for the sampled latents of ``x`` and
+        ``encoder_last`` the layer its adaptive weight is taken at (the VF loss only)."""
         batch, recon = x.shape[0], recon.float()
         rec, logs = self.reconstruction_terms(x, recon, step)
         nll = (rec / torch.exp(self.logvar) + self.logvar).sum() / batch
         kl = posterior.kl().sum() / batch
         kl_term = self.cfg.kl_weight * kl
         logs.update(nll=nll.item(), kl=kl.item() / posterior.mean[0].numel(), logvar=self.logvar.item())
-        return self.with_adversarial(nll, kl_term, recon, step, disc, last_layer, grad_scale, logs)
+        other = kl_term  # the terms that reach the model other than through x̂
+        if self.vf is not None:  # before the GAN term: adversarial_loss frees nll's graph
+            vf, vf_logs = self.vf(x, projected)
+            vf_weight = self.vf.weight(nll, vf, encoder_last, grad_scale)
+            other = other + vf_weight * vf
+            logs.update(vf_logs, vf_weight=vf_weight.item())
+        return self.with_adversarial(nll, other, recon, step, disc, last_layer, grad_scale, logs)
 
     def reconstruction_terms(self, target: torch.Tensor, recon: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
         """Pixel error + ``perceptual_weight`` · LPIPS (broadcast over each image's pixels, as in
@@ -145,11 +164,13 @@ def disc_factor(cfg: LossConfig, step: int) -> float:
     return cfg.disc_factor if cfg.disc_weight > 0 and step >= cfg.disc_start else 0.0
 
 
-def adaptive_weight(nll_grad: torch.Tensor, g_grad: torch.Tensor, eps: float | torch.Tensor = 1e-4) -> torch.Tensor:
+def adaptive_weight(nll_grad: torch.Tensor, g_grad: torch.Tensor, eps: float | torch.Tensor = 1e-4,
+                    limit: float = 1e4) -> torch.Tensor:
     """Balance the GAN gradient against the reconstruction gradient at the last decoder layer,
-    from those two gradients (``eps`` scales with them where they carry fp16's loss scale)."""
+    from those two gradients (``eps`` scales with them where they carry fp16's loss scale); the
+    VF loss does the same at the encoder's last layer, clamped to ``limit`` 1e8 instead of 1e4."""
     weight = nll_grad.norm() / (g_grad.norm() + eps)
-    return weight.clamp(0.0, 1e4).detach()
+    return weight.clamp(0.0, limit).detach()
 
 
 def adversarial_loss(

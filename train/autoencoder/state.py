@@ -16,6 +16,7 @@ from train.autoencoder.config import TrainConfig
 from train.autoencoder.discriminator import PatchDiscriminator
 from train.autoencoder.losses import GeneratorLoss
 from train.autoencoder.recipes import recipe_for
+from train.autoencoder.vf_loss import check_resumable
 from train.common import checkpoints as ckpt
 from train.common import session as runs
 from train.common.guards import NonFiniteGuard
@@ -44,6 +45,7 @@ class Run:
     opt_d: torch.optim.Optimizer | None = None
     base_disc_lr: float = 0.0
     last_layer: torch.Tensor | None = None
+    encoder_last_layer: torch.Tensor | None = None  # the VF loss's, when on
     ema: EMAModel | None = None
     state: TrainState = field(default_factory=TrainState)
     guard: NonFiniteGuard | None = None
@@ -75,14 +77,17 @@ def build_run(cfg: TrainConfig, accelerator: Accelerator, resume_from: Path | No
     if cfg.model.train_decoder_only:
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
-    model = recipe.wrap(vae)
-    gen_loss = GeneratorLoss(cfg.loss, recipe.perceptual_net())
+    model = recipe.wrap(vae)  # kl-f8 with loss.vf_weight: the VF projector inside, trained beside the codec
+    vf = recipe.vf_loss()
+    if resume_from:
+        check_resumable(resume_from, getattr(model, "projector", None))
+    gen_loss = GeneratorLoss(cfg.loss, recipe.perceptual_net(), vf)
     disc = (PatchDiscriminator(channels=cfg.loss.disc_channels, layers=cfg.loss.disc_layers)
             if cfg.loss.disc_weight > 0 else None)
 
     scale = accelerator.num_processes * cfg.batch_size * cfg.grad_accum if cfg.optim.scale_lr else 1
     base_lr, base_disc_lr = cfg.optim.lr * scale, (cfg.optim.disc_lr or cfg.optim.lr) * scale
-    trainable = [p for p in vae.parameters() if p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]  # the codec's (+ the VF projector's)
     opt_g = torch.optim.AdamW(trainable + ([gen_loss.logvar] if cfg.loss.learn_logvar else []),
                               lr=base_lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
     # weight_decay given explicitly: AdamW's own default (0.01) is not the recipe's.
@@ -105,6 +110,7 @@ def build_run(cfg: TrainConfig, accelerator: Accelerator, resume_from: Path | No
         opt_g=opt_g, trainable=trainable, base_lr=base_lr, disc=disc,
         raw_disc=accelerator.unwrap_model(disc) if disc is not None else None, opt_d=opt_d,
         base_disc_lr=base_disc_lr, last_layer=recipe.last_layer(raw_vae) if disc is not None else None,
+        encoder_last_layer=recipe.encoder_last_layer(raw_vae) if vf is not None else None,
         ema=ema, guard=NonFiniteGuard(cfg.max_nonfinite_steps), out=Path(cfg.output_dir),
     )
     return run, dataset, collate_fn

@@ -33,6 +33,7 @@ class StepContext:
     disc: nn.Module | None  # the plain discriminator, None when off
     last_layer: torch.Tensor | None  # where the adaptive GAN weight balances gradients
     grad_scale: torch.Tensor | None  # fp16's loss scale (train.autoencoder.losses.loss_scale)
+    encoder_last_layer: torch.Tensor | None = None  # where the VF loss's adaptive weight balances gradients
 
 
 @dataclass

@@ -21,28 +21,40 @@ from train.autoencoder.config import TrainConfig
 from train.autoencoder.data import CropDataset, Cropper, TooSmall, collate, gather_images
 from train.autoencoder.losses import frozen
 from train.autoencoder.recipes import StepContext, StepResult
+from train.autoencoder.vf_loss import VFLoss
 
 
 class Autoencoder(nn.Module):
-    """Wraps ``AutoencoderKL`` so one forward call (through DDP) returns the posterior too."""
+    """Wraps ``AutoencoderKL`` so one forward call (through DDP) returns the posterior too, and
+    holds the VF loss's projector (trained and checkpointed with the codec, never exported)."""
 
-    def __init__(self, vae: AutoencoderKL):
+    def __init__(self, vae: AutoencoderKL, projector: nn.Module | None = None):
         super().__init__()
         self.vae = vae
+        self.projector = projector
 
     def forward(self, x: torch.Tensor, transform: str | None = None, latent_op=None):
-        """(reconstruction, posterior, decoding of transform(z) or None) for the EQ-VAE term;
-        ``latent_op``: what the published EQ-VAE decodes instead of z (τ(z))."""
+        """(reconstruction, posterior, decoding of transform(z) or None for the EQ-VAE term,
+        projector(z) or None for the VF loss); ``latent_op``: what the published EQ-VAE decodes
+        instead of z (τ(z))."""
         posterior = self.vae.encode(x).latent_dist  # (B, 2*4, H/8, W/8) -> mean, logvar
         z = posterior.sample()  # sampled z, as in the LDM recipe
         recon = self.vae.decode(latent_op(z) if latent_op is not None else z).sample
         transformed = self.vae.decode(equivariance.apply(transform, z)).sample if transform else None
-        return recon, posterior, transformed
+        projected = self.projector(z) if self.projector is not None else None  # (B, C_vf, H/8, W/8)
+        return recon, posterior, transformed, projected
 
 
 class KLF8Recipe:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        self._vf = None
+
+    def vf_loss(self) -> VFLoss | None:
+        """VA-VAE's alignment term (its foundation model loaded once), None when off."""
+        if self.cfg.loss.vf_weight > 0 and self._vf is None:
+            self._vf = VFLoss(self.cfg.loss)
+        return self._vf
 
     def describe(self) -> str:
         return self.cfg.model.init_from or self.cfg.model.preset
@@ -59,7 +71,8 @@ class KLF8Recipe:
         return vae
 
     def wrap(self, vae: AutoencoderKL) -> nn.Module:
-        return Autoencoder(vae)
+        vf = self.vf_loss()
+        return Autoencoder(vae, vf.projector(vae.config.latent_channels) if vf is not None else None)
 
     def perceptual_net(self) -> nn.Module | None:
         loss = self.cfg.loss
@@ -83,11 +96,12 @@ class KLF8Recipe:
         if self.cfg.loss.equivariance_weight > 0 and self.cfg.loss.equivariance_mode == "published":
             return self.eq_vae_loss(ctx, x)
         transform = self.pick_transform(ctx.step, ctx.rank)
-        recon, posterior, transformed = ctx.model(x, transform)
+        recon, posterior, transformed, projected = ctx.model(x, transform)
         # The discriminator judges x̂ here with its own weights frozen: its plain module is used
         # because no discriminator gradient may be produced now.
         with frozen(ctx.disc):
-            loss, logs = ctx.gen_loss(x, recon, posterior, ctx.step, ctx.disc, ctx.last_layer, ctx.grad_scale)
+            loss, logs = ctx.gen_loss(x, recon, posterior, ctx.step, ctx.disc, ctx.last_layer, ctx.grad_scale,
+                                      projected, ctx.encoder_last_layer)
         if transformed is not None:  # EQ-VAE: D(τ(z)) should be τ(x)
             eq = ctx.gen_loss.reconstruction(equivariance.apply(transform, x), transformed, ctx.step,
                                              per_image=x[0].numel())
@@ -108,9 +122,9 @@ class KLF8Recipe:
                            loss_cfg.equivariance_min_scale)
         target = this.image(x)
         if this.mode == "latent":
-            recon, posterior, _ = ctx.model(x, latent_op=this.latent)
+            recon, posterior, _, _ = ctx.model(x, latent_op=this.latent)
         else:
-            recon, posterior, _ = ctx.model(target)
+            recon, posterior, _, _ = ctx.model(target)
         with frozen(ctx.disc):
             loss, logs = ctx.gen_loss(target, recon, posterior, ctx.step, ctx.disc, ctx.last_layer, ctx.grad_scale)
         if this.mode == "latent" and loss_cfg.equivariance_weight != 1:  # 1: as published
@@ -130,6 +144,11 @@ class KLF8Recipe:
     def last_layer(self, raw_vae) -> torch.Tensor:
         """The weight the adaptive GAN weight balances gradients at: the decoder's last conv."""
         return raw_vae.decoder.conv_out.weight
+
+    def encoder_last_layer(self, raw_vae) -> torch.Tensor:
+        """Where the VF loss's adaptive weight balances gradients: the encoder's last conv
+        (the reference's ``get_encoder_last_layer``)."""
+        return raw_vae.encoder.conv_out.weight
 
     def shown(self, raw_vae, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Reconstructions as images for the logged grid."""

@@ -141,6 +141,9 @@ class MLPRecipe:
     def perceptual_net(self) -> None:
         return None  # the ELBO has no perceptual term
 
+    def vf_loss(self) -> None:
+        return None  # no latent grid to align (config.validate_vf refuses loss.vf_weight)
+
     def dataset(self):
         return build_dataset(self.cfg), collate
 
